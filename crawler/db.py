@@ -1,0 +1,154 @@
+"""The PostgreSQL repository: the only module that imports asyncpg.
+
+It runs the named statements of `crawler.sql.queries` with the configured identifiers, applies
+the tool's own migrations on first use, and hands rows out as plain dicts. Pipelines call its
+methods; they never see SQL.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .sql import queries as Q
+
+
+class DatabaseError(Exception):
+    """The database cannot be reached or used; str() is one line for the operator."""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = importlib.resources.files("crawler.sql").joinpath("migrations")
+    out = []
+    for entry in folder.iterdir():
+        m = re.match(r"^(\d+)_.*\.sql$", entry.name)
+        if m:
+            out.append((int(m.group(1)), entry.read_text()))
+    return sorted(out)
+
+
+def schema_sql() -> str:
+    return importlib.resources.files("crawler.sql").joinpath("schema.sql").read_text()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row's change: the metadata keys to merge, an optional new file_path, a counter to bump."""
+
+    artifact_id: str
+    outcome: str
+    patch: dict[str, Any]
+    file_path: str | None = None
+    bump_key: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool, table: str, schema: str) -> None:
+        self._pool = pool
+        self.table_name = table
+        self.schema_name = schema
+        self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
+
+    @classmethod
+    async def connect(cls, dsn: str, table: str, schema: str, timeout_s: float,
+                      max_size: int = 4) -> Database:
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, timeout=timeout_s)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
+            raise DatabaseError(f"cannot connect to the database: {exc}") from None
+        return cls(pool, table, schema)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def _sql(self, text: str) -> str:
+        return text.format(**self._idents)
+
+    async def prepare(self) -> None:
+        """Apply pending migrations of the tool's schema; check the artifacts table exists."""
+        async with self._pool.acquire() as conn:
+            columns = {r["column_name"] for r in await conn.fetch(Q.TABLE_COLUMNS, self.table_name)}
+            if not columns:
+                raise DatabaseError(f"table {self.table_name!r} not found (db.artifacts_table)")
+            missing = {"id", "artifact_type", "file_path", "metadata"} - columns
+            if missing:
+                raise DatabaseError(f"table {self.table_name!r} lacks column {sorted(missing)[0]!r}")
+            if "updated_at" in columns:
+                self._idents["updated_at"] = ", updated_at = now()"
+            async with conn.transaction():
+                # Two runs starting together must not race to create the schema.
+                await conn.execute(Q.LOCK_MIGRATIONS, self.schema_name)
+                await conn.execute(self._sql(Q.CREATE_SCHEMA))
+                await conn.execute(self._sql(Q.CREATE_VERSION_TABLE))
+                applied = {r["version"] for r in await conn.fetch(self._sql(Q.APPLIED_VERSIONS))}
+                for version, text in _migrations():
+                    if version not in applied:
+                        await conn.execute(text.replace("{schema}", self._idents["schema"]))
+                        await conn.execute(self._sql(Q.RECORD_VERSION), version)
+
+    # -- runs ---------------------------------------------------------------------------------
+    async def start_run(self, run_id: str, command: str, config: dict[str, Any]) -> None:
+        await self._pool.execute(self._sql(Q.START_RUN), run_id, command, json.dumps(config))
+
+    async def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        await self._pool.execute(self._sql(Q.FINISH_RUN), run_id, status, json.dumps(summary))
+
+    async def last_run_id(self) -> str | None:
+        return await self._pool.fetchval(self._sql(Q.LAST_RUN))
+
+    # -- figure rows --------------------------------------------------------------------------
+    async def figure_hosts(self, now_iso: str, retry_failed: bool, host: str | None) -> dict[str | None, int]:
+        rows = await self._pool.fetch(self._sql(Q.FIGURE_HOSTS), now_iso, retry_failed, host)
+        return {r["host"]: r["n"] for r in rows}
+
+    async def figure_skipped(self) -> tuple[int, list[str]]:
+        """(rows without an image_url, ids of rows whose metadata is not a JSON object)."""
+        row = await self._pool.fetchrow(self._sql(Q.FIGURE_SKIPPED))
+        return row["no_url"] or 0, list(row["bad_metadata"] or [])
+
+    async def figure_page(self, hosts: Sequence[str] | None, after_id: str, limit: int,
+                          now_iso: str, retry_failed: bool) -> list[dict[str, Any]]:
+        rows = await self._pool.fetch(self._sql(Q.FIGURE_PAGE), now_iso, retry_failed,
+                                      None if hosts is None else list(hosts), after_id, limit)
+        out = []
+        for r in rows:
+            d = dict(r)
+            for key in ("image_url", "paper_id", "pmcid", "figure_label"):
+                d[key] = json.loads(d[key]) if d[key] is not None else None
+            out.append(d)
+        return out
+
+    # -- writes -------------------------------------------------------------------------------
+    async def apply_changes(self, run_id: str, changes: Sequence[Change]) -> int:
+        """Merge every change in one transaction and one round trip; journal each. Returns rows written."""
+        if not changes:
+            return 0
+        cols: list[list[str | None]] = [[], [], [], [], [], []]
+        for c in changes:
+            cols[0].append(c.artifact_id)
+            cols[1].append(c.outcome)
+            cols[2].append(c.file_path)
+            cols[3].append(json.dumps(c.patch))
+            cols[4].append(c.bump_key)
+            cols[5].append(json.dumps(c.detail or {}))
+        async with self._pool.acquire() as conn, conn.transaction():
+            written = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
+        return len(written)
+
+    # -- for tests and the sandbox ------------------------------------------------------------
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._pool.fetch(self._sql(sql), *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self._pool.execute(self._sql(sql), *args)

@@ -1,0 +1,111 @@
+"""File-system steps: temporary files beside their target, atomic placement, hashing.
+
+A body is streamed into `.crawler-<stem>-<token>.part` in the target's directory (same file
+system, so the rename is atomic), fsynced, then renamed over the final name: a reader never
+sees a partial file under a canonical name, and a crash leaves at most a `.part` file that
+`remove_stale_parts` clears. Blocking calls run in worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import aiofiles
+
+PART_PREFIX = ".crawler-"
+PART_SUFFIX = ".part"
+
+
+class TempFile:
+    """An open temporary file that hashes and counts what is written to it."""
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.path = directory / f"{PART_PREFIX}{stem}-{secrets.token_hex(4)}{PART_SUFFIX}"
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._fh: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+
+    async def open(self) -> TempFile:
+        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        self._fh = await aiofiles.open(self.path, "wb")
+        return self
+
+    async def write(self, data: bytes) -> None:
+        assert self._fh is not None
+        self.sha256.update(data)
+        self.size += len(data)
+        await self._fh.write(data)
+
+    async def close(self, fsync: bool) -> None:
+        if self._fh is None:
+            return
+        fh, self._fh = self._fh, None
+        if fsync:
+            await fh.flush()
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        await fh.close()
+
+    async def discard(self) -> None:
+        try:
+            await self.close(fsync=False)
+        finally:
+            await asyncio.to_thread(self.path.unlink, True)
+
+
+async def place(temp: Path, final: Path) -> None:
+    """Rename `temp` over `final` (atomic on one file system), creating the directory."""
+    def _do() -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, final)
+    await asyncio.to_thread(_do)
+
+
+def _hash(path: Path, head_bytes: int, chunk: int) -> tuple[str, int, bytes]:
+    h = hashlib.sha256()
+    size = 0
+    head = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            if len(head) < head_bytes:
+                head += block[: head_bytes - len(head)]
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size, head
+
+
+async def hash_file(path: Path, head_bytes: int = 1024, chunk: int = 1 << 20) -> tuple[str, int, bytes]:
+    """(sha256 hex, size, first `head_bytes`) of a file, read in a worker thread."""
+    return await asyncio.to_thread(_hash, path, head_bytes, chunk)
+
+
+async def first_existing(root: Path, candidates: list[str]) -> str | None:
+    """The first relative path among `candidates` that is a regular file under root."""
+    def _do() -> str | None:
+        for rel in candidates:
+            if (root / rel).is_file():
+                return rel
+        return None
+    return await asyncio.to_thread(_do)
+
+
+async def existing(root: Path, rels: list[str]) -> set[str]:
+    """Which of these relative paths are regular files under root (one thread hop for all)."""
+    return await asyncio.to_thread(lambda: {r for r in rels if (root / r).is_file()})
+
+
+def remove_stale_parts(directories: list[Path]) -> int:
+    """Delete `.crawler-*.part` leftovers of a killed run in these directories; return how many."""
+    removed = 0
+    for d in directories:
+        try:
+            for entry in os.scandir(d):
+                if entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX):
+                    os.unlink(entry.path)
+                    removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

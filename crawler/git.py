@@ -1,0 +1,136 @@
+"""The artifacts repository: committing exactly a given set of paths, nothing else.
+
+`commit_paths` builds the commit in a private index (read HEAD's tree, add the paths, write a
+tree, commit it, move the branch with compare-and-swap), so whatever the checkout has staged or
+modified besides is neither included nor disturbed. The real index then learns the new entries
+for those paths only, so `git status` stays clean for them. Commits are serialised by a lock
+file in the git directory, so two processes never interleave. When a site's own commit helper
+is configured, it gets the paths as arguments and we check its commit holds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class GitError(Exception):
+    """A git command failed; str() is one line."""
+
+
+class GitRepo:
+    def __init__(self, root: Path, timeout_s: float, author_name: str, author_email: str,
+                 commit_command: str = "") -> None:
+        self.root = root
+        self.timeout_s = timeout_s
+        self.commit_command = commit_command
+        self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
+                     "GIT_COMMITTER_NAME": author_name, "GIT_COMMITTER_EMAIL": author_email,
+                     "GIT_TERMINAL_PROMPT": "0"}
+        self._lock = asyncio.Lock()
+
+    async def _run(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+                   argv: Sequence[str] | None = None) -> str:
+        cmd = list(argv) if argv is not None else ["git", *args]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=self.root, env=env or self._env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            first = (err or out).decode(errors="replace").strip().splitlines()
+            raise GitError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} failed: {first[0] if first else proc.returncode}")
+        return out.decode(errors="replace").strip()
+
+    async def git_dir(self) -> Path:
+        return Path(self.root, await self._run("rev-parse", "--git-dir")).resolve()
+
+    async def check(self) -> None:
+        """Raise GitError unless root is the top of a git work tree."""
+        try:
+            top = await self._run("rev-parse", "--show-toplevel")
+        except (GitError, OSError) as exc:
+            raise GitError(f"{self.root} is not a git work tree ({exc})") from None
+        if Path(top).resolve() != self.root.resolve():
+            raise GitError(f"{self.root} is inside the git work tree {top}, not its top")
+
+    async def head(self) -> str | None:
+        try:
+            return await self._run("rev-parse", "--verify", "-q", "HEAD")
+        except GitError:
+            return None
+
+    async def holds(self, commit: str, paths: Sequence[str]) -> bool:
+        listed = await self._run("ls-tree", "-r", "--name-only", "-z", commit, "--", *paths)
+        return set(paths) <= set(filter(None, listed.split("\0")))
+
+    async def commit_paths(self, paths: Sequence[str], message: str) -> str:
+        """Commit exactly `paths` (relative to root) onto the checked-out branch; return HEAD after.
+
+        Idempotent: if HEAD already holds these contents, no commit is made and HEAD is returned.
+        """
+        if not paths:
+            raise ValueError("nothing to commit")
+        async with self._lock:
+            gitdir = await self.git_dir()
+            lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock")
+            try:
+                if self.commit_command:
+                    return await self._commit_with_helper(paths)
+                return await self._commit_private_index(gitdir, paths, message)
+            finally:
+                os.close(lock_fd)
+
+    async def _commit_private_index(self, gitdir: Path, paths: Sequence[str], message: str) -> str:
+        stdin = b"".join(p.encode() + b"\0" for p in paths)
+        index = gitdir / f"crawler-index-{os.getpid()}"
+        env = {**self._env, "GIT_INDEX_FILE": str(index)}
+        try:
+            for _attempt in range(3):  # another writer may move the branch between read and CAS
+                head = await self.head()
+                await self._run("read-tree", *(["HEAD"] if head else ["--empty"]), env=env)
+                await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin, env=env)
+                tree = await self._run("write-tree", env=env)
+                if head and tree == await self._run("rev-parse", "HEAD^{tree}"):
+                    return head
+                parents = ["-p", head] if head else []
+                commit = await self._run("commit-tree", tree, *parents, "-m", message)
+                try:
+                    await self._run("update-ref", "-m", message, "HEAD", commit, head or "")
+                except GitError:
+                    continue
+                # Teach the real index the committed entries for these paths only.
+                await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin)
+                return commit
+            raise GitError("the branch kept moving while committing; try again")
+        finally:
+            index.unlink(missing_ok=True)
+
+    async def _commit_with_helper(self, paths: Sequence[str]) -> str:
+        await self._run(argv=[*shlex.split(self.commit_command), *paths])
+        head = await self.head()
+        if head is None or not await self.holds(head, paths):
+            raise GitError(f"artifacts.commit_command did not commit the {len(paths)} files it was given")
+        return head
+
+
+def _flock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+async def init_repo(root: Path) -> None:
+    """A new repository with one empty commit (the sandbox and tests)."""
+    root.mkdir(parents=True, exist_ok=True)
+    repo = GitRepo(root, 60, "sandbox", "sandbox@localhost")
+    await repo._run("init", "-q", "-b", "main")
+    await repo._run("commit", "-q", "--allow-empty", "-m", "artifacts repository")

@@ -1,0 +1,64 @@
+"""Structured logs: JSON Lines to `reports/<run_id>/log.jsonl` and a readable line on stderr.
+
+Every event carries `event`, `timestamp` (ISO-8601 UTC) and `run_id`. The file gets every
+event; the console gets a short rendering (row outcomes only at debug verbosity, so a long run's
+console shows progress, pauses and commits rather than thousands of rows).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+QUIET_ON_CONSOLE = frozenset({"row.outcome"})
+
+
+class _Fanout:
+    def __init__(self, file: TextIO | None, console: TextIO | None, verbose: bool) -> None:
+        self.file = file
+        self.console = console
+        self.verbose = verbose
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+        if self.file is not None:
+            self.file.write(json.dumps(event, default=str, separators=(",", ":")) + "\n")
+            self.file.flush()
+        if self.console is not None and (self.verbose or event["event"] not in QUIET_ON_CONSOLE):
+            rest = " ".join(f"{k}={v}" for k, v in event.items()
+                            if k not in ("event", "timestamp", "run_id", "level"))
+            self.console.write(f"{event['timestamp'][11:19]} {event.get('level', 'info'):5} "
+                               f"{event['event']} {rest}\n")
+            self.console.flush()
+        raise structlog.DropEvent
+
+
+_open_file: TextIO | None = None
+
+
+def configure(run_id: str | None, log_file: Path | None, console: bool, verbose: bool = False) -> None:
+    """Route structlog to the run's JSON file and the console. Call again for the next run."""
+    global _open_file
+    if _open_file is not None:
+        _open_file.close()
+        _open_file = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        _open_file = open(log_file, "a", buffering=1 << 16)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.contextvars.clear_contextvars()
+    if run_id:
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+    processors.append(_Fanout(_open_file, sys.stderr if console else None, verbose))
+    structlog.configure(processors=processors, cache_logger_on_first_use=False)
+
+
+def close() -> None:
+    configure(None, None, console=True)

@@ -1,0 +1,84 @@
+"""Canonical paths: where a fetched file lives under the artifacts root.
+
+`artifacts.figure_path` is a template over the row's fields; a field the row lacks renders as
+`unknown`. Each field is made safe for one path segment, and the final path is refused if it is
+absolute or would leave the root once normalised (`..`, symlinks already on disk). A site may name
+its own `module:function` in `artifacts.path_resolver`; it receives the same fields and its
+answer passes the same checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import string
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+
+FIELDS = ("artifact_id", "paper_id", "pmcid", "figure_label", "ext")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+class PathError(ValueError):
+    """The canonical path would be unsafe (absolute, escaping the root) or cannot be built."""
+
+
+def safe_segment(value: object) -> str:
+    """A value made fit for one path segment: no separators, no leading dots, never empty."""
+    text = _UNSAFE.sub("_", str(value)).strip("._")
+    return text[:120] or "unknown"
+
+
+Resolver = Callable[[Mapping[str, str]], str]
+
+
+def template_resolver(template: str) -> Resolver:
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = names - set(FIELDS)
+    if unknown:
+        raise PathError(f"artifacts.figure_path uses unknown field {{{sorted(unknown)[0]}}}")
+
+    def resolve(fields: Mapping[str, str]) -> str:
+        return template.format(**{k: fields[k] for k in names})
+
+    return resolve
+
+
+def load_resolver(template: str, dotted: str) -> Resolver:
+    if not dotted:
+        return template_resolver(template)
+    module, _, func = dotted.partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        raise PathError(f"artifacts.path_resolver {dotted!r} cannot be loaded: {exc}") from None
+
+
+def figure_fields(artifact_id: str, metadata: Mapping[str, object], ext: str) -> dict[str, str]:
+    def field(key: str) -> str:
+        value = metadata.get(key)
+        return safe_segment(value) if value not in (None, "") else "unknown"
+
+    return {"artifact_id": safe_segment(artifact_id), "paper_id": field("paper_id"),
+            "pmcid": field("pmcid"), "figure_label": field("figure_label"), "ext": ext}
+
+
+def contain(root: Path, relative: str) -> str:
+    """`relative` normalised, checked to stay inside `root`; returns the clean relative path."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise PathError(f"empty or invalid path {relative!r}")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or os.path.isabs(relative):
+        raise PathError(f"absolute path {relative!r}")
+    norm = os.path.normpath(relative)
+    if norm == "." or norm.startswith(".."):
+        raise PathError(f"path {relative!r} leaves the artifacts root")
+    # Symlinks already on disk could still lead out: compare the resolved parent with the root.
+    real_root = root.resolve()
+    real_parent = (real_root / norm).parent.resolve()
+    if real_parent != real_root and real_root not in real_parent.parents:
+        raise PathError(f"path {relative!r} leaves the artifacts root through a link")
+    if norm.split(os.sep)[0] == ".git":
+        raise PathError(f"path {relative!r} is inside .git")
+    return norm

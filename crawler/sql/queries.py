@@ -1,0 +1,107 @@
+"""Every SQL statement the tool issues, by name. Nothing else in the code builds SQL.
+
+`{table}` and `{schema}` are the configured identifiers (validated, then quoted); `{updated_at}`
+is `, updated_at = now()` when the artifacts table has that column, else empty.
+"""
+
+from __future__ import annotations
+
+# The URL's host, lower-cased, as routing sees it (the fetcher re-parses the URL for real).
+HOST_EXPR = (r"lower(substring(a.metadata->>'image_url' from "
+             r"'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^]]*\]|[^/:?#]+)'))")
+
+HAS_URL = ("a.metadata->'image_url' is not null and a.metadata->'image_url' <> 'null'::jsonb "
+           "and a.metadata->'image_url' <> '\"\"'::jsonb")
+
+# A paper_figure row the figure job should look at now. $1 = now (ISO-8601 UTC text; our own
+# timestamps compare as text, and a garbage value cannot make the query fail), $2 = retry failed.
+FIGURE_ELIGIBLE = f"""
+  a.artifact_type = 'paper_figure'
+  and jsonb_typeof(a.metadata) = 'object'
+  and coalesce(a.metadata->'image_unavailable', 'false'::jsonb) <> 'true'::jsonb
+  and {HAS_URL}
+  and (coalesce(a.metadata->>'image_fetch_outcome', '') <> 'failed' or $2::bool)
+  and (coalesce(a.metadata->>'image_fetch_outcome', '') <> 'transient'
+       or coalesce(a.metadata->>'image_next_attempt_at', '') <= $1::text)
+"""
+
+LOCK_MIGRATIONS = "select pg_advisory_xact_lock(hashtext('crawler:' || $1::text))"
+CREATE_SCHEMA = "create schema if not exists {schema}"
+CREATE_VERSION_TABLE = """
+create table if not exists {schema}.schema_version (
+  version int primary key, applied_at timestamptz not null default now())"""
+APPLIED_VERSIONS = "select version from {schema}.schema_version"
+RECORD_VERSION = "insert into {schema}.schema_version (version) values ($1)"
+
+TABLE_COLUMNS = """
+select column_name from information_schema.columns
+where table_schema = current_schema() and table_name = $1"""
+
+START_RUN = "insert into {schema}.runs (run_id, command, config) values ($1, $2, $3::jsonb)"
+FINISH_RUN = """
+update {schema}.runs set finished_at = now(), status = $2, summary = $3::jsonb where run_id = $1"""
+
+# Distinct hosts among eligible rows (small: one line per host), for routing and totals.
+FIGURE_HOSTS = f"""
+select {HOST_EXPR} as host, count(*) as n
+from {{table}} a
+where {FIGURE_ELIGIBLE} and ($3::text is null or {HOST_EXPR} = $3::text)
+group by 1"""
+
+FIGURE_SKIPPED = """
+select
+  count(*) filter (where jsonb_typeof(a.metadata) = 'object'
+                   and coalesce(a.metadata->'image_unavailable', 'false'::jsonb) <> 'true'::jsonb
+                   and not ({has_url})) as no_url,
+  array_agg(a.id order by a.id) filter (where jsonb_typeof(a.metadata) is distinct from 'object')
+    as bad_metadata
+from {{table}} a
+where a.artifact_type = 'paper_figure'""".format(has_url=HAS_URL)
+
+# One keyset page of eligible rows whose host is in $3 ($3 null: rows whose host cannot be parsed).
+FIGURE_PAGE = f"""
+select a.id, a.file_path, a.metadata->'image_url' as image_url,
+       a.metadata->'paper_id' as paper_id, a.metadata->'pmcid' as pmcid,
+       a.metadata->'figure_label' as figure_label
+from {{table}} a
+where {FIGURE_ELIGIBLE}
+  and (case when $3::text[] is null then {HOST_EXPR} is null else {HOST_EXPR} = any($3::text[]) end)
+  and a.id > $4::text
+order by a.id
+limit $5"""
+
+# One round trip per batch: read the rows as they were, merge each patch (and bump a counter),
+# and journal before/after of exactly the keys written. Every CTE sees the same snapshot, so
+# `before` holds the values from before the update.
+APPLY_CHANGES = """
+with input as (
+  select t.id, t.outcome, t.file_path, t.patch::jsonb as patch, t.bump_key, t.detail::jsonb as detail
+  from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+    as t(id, outcome, file_path, patch, bump_key, detail)
+), before as (
+  select a.id, a.file_path, a.metadata from {table} a join input i on a.id = i.id
+  where jsonb_typeof(a.metadata) = 'object'
+), updated as (
+  update {table} a set
+    file_path = coalesce(i.file_path, a.file_path),
+    metadata = a.metadata || i.patch || case when i.bump_key is null then '{{}}'::jsonb
+      else jsonb_build_object(i.bump_key, 1 + case when jsonb_typeof(a.metadata->i.bump_key) = 'number'
+                                              then floor((a.metadata->>i.bump_key)::numeric)::bigint else 0 end)
+      end
+    {updated_at}
+  from input i
+  where a.id = i.id and jsonb_typeof(a.metadata) = 'object'
+  returning a.id, a.file_path, a.metadata
+)
+insert into {schema}.journal
+  (run_id, artifact_id, outcome, before_file_path, after_file_path, before_metadata, after_metadata, detail)
+select $1, i.id, i.outcome, b.file_path, u.file_path,
+  (select coalesce(jsonb_object_agg(k, b.metadata->k), '{{}}'::jsonb)
+     from jsonb_object_keys(u.metadata) k where (i.patch ? k or k = i.bump_key) and b.metadata ? k),
+  (select coalesce(jsonb_object_agg(k, u.metadata->k), '{{}}'::jsonb)
+     from jsonb_object_keys(u.metadata) k where i.patch ? k or k = i.bump_key),
+  i.detail
+from input i join before b on b.id = i.id join updated u on u.id = i.id
+returning artifact_id"""
+
+LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"

@@ -1,0 +1,340 @@
+"""The figure job: every missing paper_figure row, tried once, politely.
+
+    PostgreSQL ──producer per budget──▶ bounded queue ──max_inflight workers──▶ Fetcher (HTTP)
+        ▲                                                                         │
+        └──── Sink (journalled stamps) ◀── Committer (≤100 files/commit) ◀── file in place
+                       ▲                                                         │
+                       └─────────── hard_404 / transient / failed ◀──────────────┘
+
+PostgreSQL is the queue: a row is taken when its columns say it needs work (never attempted, or
+transient and due, or failed with --retry-failed). Each budget gets its own keyset-paginated
+producer over the rows whose URL host falls under it, so a slow provider never holds up a fast
+one and memory is bounded by page size × budgets, not by the table. Before any request a worker
+looks on disk: a file already at the canonical path (a crash after placing it) is committed and
+stamped as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from yarl import URL
+
+from crawler import files, media, paths, sink as contract
+from crawler.budgets import Budget, Budgets
+from crawler.committer import Committer, PlacedFile
+from crawler.config import Config
+from crawler.db import Change, Database
+from crawler.fetcher import Fetcher, FetchResult, make_session
+from crawler.git import GitRepo
+from crawler.netguard import GuardedResolver
+from crawler.sink import Sink, iso, utcnow
+
+log = structlog.get_logger()
+
+UNPARSEABLE = "(unparseable)"
+_STOP = object()
+
+
+@dataclass
+class FigureOptions:
+    limit: int | None = None
+    host: str | None = None
+    retry_failed: bool = False
+
+
+@dataclass
+class Tally:
+    """What this run did, for progress events and the summary."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    per_host: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    errors: Counter[str] = field(default_factory=Counter)
+    failed_rows: list[dict[str, str]] = field(default_factory=list)
+    planned: int = 0
+
+    def add(self, host: str, outcome: str, error: str | None = None) -> None:
+        self.counts["attempted"] += 1
+        self.counts[outcome] += 1
+        self.per_host[host]["attempted"] += 1
+        self.per_host[host][outcome] += 1
+        if error:
+            self.errors[error] += 1
+
+
+class FigureJob:
+    def __init__(self, cfg: Config, db: Database, run_id: str, opts: FigureOptions) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.run_id = run_id
+        self.opts = opts
+        self.root = Path(cfg["artifacts"]["root"])
+        self.http = cfg["http"]
+        self.tally = Tally()
+        self.resolve_path = paths.load_resolver(cfg["artifacts"]["figure_path"], cfg["artifacts"]["path_resolver"])
+        self.budgets = Budgets(cfg.budgets, self.http["rate_guard_s"], on_pause=self._on_pause)
+        self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
+                            cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"])
+        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
+        self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],
+                                   cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures")
+        self._stopping = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._taken = 0
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._started = time.monotonic()
+        self._now_iso = iso(utcnow())
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Take no new rows; rows in hand finish (the caller bounds how long)."""
+        self._stopping.set()
+
+    def abort(self) -> None:
+        """Stop now: in-flight requests are cut off (their temporary files removed); what was
+        already placed is still committed and stamped on the way out."""
+        self._stopping.set()
+        for w in self._workers:
+            w.cancel()
+
+    async def run(self, drain_timeout_s: float) -> dict[str, Any]:
+        await self.repo.check()
+        plan = await self._plan()
+        resolver = GuardedResolver(self.http["connect_to"], self.http["allow_private_addresses"])
+        session = make_session(self.http, resolver)
+        self.fetcher = Fetcher(session, self.budgets, resolver, self.http, self.cfg["artifacts"]["fsync"])
+        self.sink.start()
+        self.committer.start()
+        producers: list[asyncio.Task[None]] = []
+        workers = self._workers
+        for name, (hosts, inflight) in plan.items():
+            # Room for one stop marker per worker once the queue is emptied at a stop.
+            queue: asyncio.Queue[Any] = asyncio.Queue(max(self.cfg["run"]["queue_rows"], inflight))
+            self._queues[name] = queue
+            producers.append(asyncio.create_task(self._produce(hosts, queue, inflight), name=f"producer:{name}"))
+            workers += [asyncio.create_task(self._work(queue), name=f"worker:{name}:{i}") for i in range(inflight)]
+        progress = asyncio.create_task(self._progress(), name="progress")
+        interrupted = False
+        try:
+            stop_wait = asyncio.create_task(self._stopping.wait())
+            all_workers = asyncio.gather(*workers)
+            await asyncio.wait([stop_wait, all_workers], return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping.is_set():
+                interrupted = True
+                for p in producers:
+                    p.cancel()
+                log.info("run.draining", inflight=sum(b.stats.inflight for b in self.budgets.all()),
+                         timeout_s=drain_timeout_s)
+                for q in self._queues.values():  # rows not yet started stay for the next run
+                    while not q.empty():
+                        q.get_nowait()
+                    for _ in range(q.maxsize):
+                        q.put_nowait(_STOP)
+                done, pending = await asyncio.wait(workers, timeout=drain_timeout_s)
+                for w in pending:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                await asyncio.gather(all_workers, return_exceptions=True)
+            else:
+                await all_workers
+            stop_wait.cancel()
+            for outcome in await asyncio.gather(*producers, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    raise outcome  # e.g. the database went away: the run fails, loudly
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            progress.cancel()
+            # file in place → commit → stamp: the committer flushes its stamps through the sink.
+            await self.committer.close()
+            await self.sink.close()
+            await session.close()
+        return self._summary(interrupted)
+
+    # -- planning and producing ---------------------------------------------------------------------
+    async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:
+        no_url, bad = await self.db.figure_skipped()
+        self.tally.counts["no_url"] = no_url
+        self.tally.counts["bad_metadata"] = len(bad)
+        for artifact_id in bad:
+            log.error("row.bad_metadata", artifact_id=artifact_id,
+                      error="metadata is not a JSON object; row left untouched")
+        hosts = await self.db.figure_hosts(self._now_iso, self.opts.retry_failed, self.opts.host)
+        self.tally.planned = sum(hosts.values())
+        plan: dict[str, tuple[list[str] | None, int]] = {}
+        for host, n in sorted(hosts.items(), key=lambda kv: kv[0] or ""):
+            if host is None:
+                plan[UNPARSEABLE] = (None, 1)
+                continue
+            budget = self.budgets.for_host(host)
+            listed, inflight = plan.get(budget.name, ([], budget.max_inflight))
+            assert listed is not None
+            listed.append(host)
+            plan[budget.name] = (listed, inflight)
+        log.info("run.plan", rows=self.tally.planned, no_url=no_url, bad_metadata=len(bad),
+                 budgets={k: {"hosts": len(v[0] or []), "workers": v[1]} for k, v in plan.items()})
+        return plan
+
+    async def _produce(self, hosts: list[str] | None, queue: asyncio.Queue[Any], workers: int) -> None:
+        after = ""
+        page_size = self.cfg["db"]["page_size"]
+        try:
+            while not self._stopping.is_set():
+                rows = await self.db.figure_page(hosts, after, page_size, self._now_iso, self.opts.retry_failed)
+                if not rows:
+                    break
+                after = rows[-1]["id"]
+                present = await files.existing(self.root, [r["file_path"] for r in rows
+                                                           if isinstance(r["file_path"], str) and r["file_path"]])
+                for row in rows:
+                    if row["file_path"] in present:
+                        self.tally.counts["present"] += 1
+                        continue
+                    if self.opts.limit is not None and self._taken >= self.opts.limit:
+                        return
+                    self._taken += 1
+                    await queue.put(row)
+        finally:
+            if not self._stopping.is_set():
+                for _ in range(workers):
+                    await queue.put(_STOP)
+
+    # -- one row -------------------------------------------------------------------------------------
+    async def _work(self, queue: asyncio.Queue[Any]) -> None:
+        while True:
+            row = await queue.get()
+            if row is _STOP or self._stopping.is_set():
+                return
+            try:
+                await self._handle(row)
+            except Exception as exc:  # a bug or local I/O trouble: record, keep the row retryable
+                log.error("row.error", artifact_id=row["id"], error=f"{type(exc).__name__}: {exc}")
+                self._record(row["id"], host_of(row["image_url"]), FetchResult(
+                    "transient", str(row["image_url"]), "local_error"))
+
+    async def _handle(self, row: dict[str, Any]) -> None:
+        url = row["image_url"]
+        host = host_of(url)
+        meta = {k: row[k] for k in ("paper_id", "pmcid", "figure_label")}
+        try:
+            candidates = {ext: self._canonical(row["id"], meta, ext) for ext in media.EXTENSIONS}
+        except paths.PathError as exc:
+            log.error("row.bad_path", artifact_id=row["id"], error=str(exc))
+            self._record(row["id"], host, FetchResult("failed", str(url), "unsafe_path"))
+            return
+        # A crash after the rename but before the stamp left the file in place: use it as it is.
+        on_disk = await files.first_existing(self.root, list(candidates.values()))
+        if on_disk is not None and await self._adopt(row["id"], on_disk, host, str(url)):
+            return
+        if not isinstance(url, str):
+            self._record(row["id"], host, FetchResult("failed", str(url), "bad_url"))
+            return
+        temp_dir = (self.root / candidates[".png"]).parent
+        result = await self.fetcher.fetch(url, temp_dir, paths.safe_segment(row["id"]))
+        if result.outcome == "fetched":
+            assert result.temp is not None and result.ext is not None
+            rel = candidates[result.ext]
+            await files.place(result.temp.path, self.root / rel)
+            self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
+                                          result.content_type or "", utcnow(), str(url)))
+            self.tally.add(host, "fetched")
+            log.info("row.outcome", artifact_id=row["id"], outcome="fetched", host=host, path=rel,
+                     size=result.temp.size, requests=result.requests)
+            return
+        self._record(row["id"], host, result)
+
+    def _canonical(self, artifact_id: str, meta: dict[str, Any], ext: str) -> str:
+        fields = paths.figure_fields(artifact_id, meta, ext)
+        return paths.contain(self.root, self.resolve_path(fields))
+
+    async def _adopt(self, artifact_id: str, rel: str, host: str, url: str) -> bool:
+        sha, size, head = await files.hash_file(self.root / rel)
+        ext = media.sniff(head)
+        if ext is None or not rel.endswith(ext):
+            log.warning("row.foreign_file", artifact_id=artifact_id, path=rel,
+                        error="a file that is not the expected image sits at the canonical path; fetching anew")
+            return False
+        self.committer.add(PlacedFile(artifact_id, rel, sha, size, media.KINDS[ext][0], utcnow(), url))
+        self.tally.add(host, "fetched")
+        self.tally.counts["adopted_from_disk"] += 1
+        log.info("row.outcome", artifact_id=artifact_id, outcome="fetched", host=host, path=rel,
+                 size=size, requests=0, adopted=True)
+        return True
+
+    def _record(self, artifact_id: str, host: str, r: FetchResult) -> None:
+        now = utcnow()
+        change: Change
+        if r.outcome == "hard_404":
+            assert r.status is not None
+            change = contract.figure_hard_404(artifact_id, r.status, now, r.url, r.blocked_by)
+        else:
+            wait = r.retry_in_s if r.retry_in_s is not None else self.http["transient_retry_after_s"]
+            next_at = contract.transient_next_attempt(now, max(wait, 0.0)) if r.outcome == "transient" else None
+            change = contract.figure_retryable(artifact_id, r.outcome, r.error or "unknown", now, r.url, next_at, r.status)
+            if r.outcome == "failed" and len(self.tally.failed_rows) < 1000:
+                self.tally.failed_rows.append({"artifact_id": artifact_id, "error": r.error or "", "url": r.url})
+        self.sink.record(change)
+        self.tally.add(host, r.outcome, r.error)
+        log.info("row.outcome", artifact_id=artifact_id, outcome=r.outcome, host=host, status=r.status,
+                 error=r.error, requests=r.requests, **({"blocked_by": r.blocked_by} if r.blocked_by else {}))
+
+    @staticmethod
+    def _stamp_fetched(p: PlacedFile, commit: str) -> Change:
+        return contract.figure_fetched(p.artifact_id, p.rel_path, p.sha256, p.size, p.content_type,
+                                       commit, p.fetched_at, p.source)
+
+    # -- observing -------------------------------------------------------------------------------------
+    def _on_pause(self, budget: Budget, seconds: float, reason: str) -> None:
+        log.warning("budget.paused", budget=budget.name, seconds=round(seconds, 3), reason=reason)
+
+    async def _progress(self) -> None:
+        interval = self.cfg["report"]["progress_interval_s"]
+        while True:
+            await asyncio.sleep(interval)
+            log.info("progress", **self.progress())
+
+    def progress(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self._started
+        done = self.tally.counts["attempted"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        todo = max(0, (min(self.tally.planned, self.opts.limit) if self.opts.limit else self.tally.planned) - done)
+        return {
+            "done": done, "planned": self.tally.planned, "rows_per_s": round(rate, 2),
+            "eta_s": round(todo / rate, 1) if rate > 0 else None,
+            "counts": {k: self.tally.counts[k] for k in ("fetched", "hard_404", "transient", "failed")},
+            "commit_pending": self.committer.pending, "sink_pending": self.sink.pending,
+            "budgets": {b.name: {"queue": self._queues[b.name].qsize() if b.name in self._queues else 0,
+                                 "inflight": b.stats.inflight, "paused_s": round(b.paused_for_s, 2)}
+                        for b in self.budgets.all()},
+        }
+
+    def _summary(self, interrupted: bool) -> dict[str, Any]:
+        c = self.tally.counts
+        return {
+            "attempted": c["attempted"], "fetched": c["fetched"], "hard_404": c["hard_404"],
+            "transient": c["transient"], "failed": c["failed"], "no_url": c["no_url"],
+            "present": c["present"], "bad_metadata": c["bad_metadata"],
+            "adopted_from_disk": c["adopted_from_disk"], "planned": self.tally.planned,
+            "interrupted": interrupted,
+            "per_host": {h: {k: v.get(k, 0) for k in ("attempted", "fetched", "hard_404", "transient", "failed", "no_url")}
+                         for h, v in sorted(self.tally.per_host.items())},
+            "errors": dict(self.tally.errors),
+            "failed_rows": self.tally.failed_rows,
+            "commits": self.committer.commits,
+            "commit_failed_files": self.committer.failed_files,
+            "requests_per_budget": {b.name: b.stats.started for b in self.budgets.all()},
+        }
+
+
+def host_of(url: Any) -> str:
+    try:
+        return (URL(url).host or UNPARSEABLE).lower() if isinstance(url, str) else UNPARSEABLE
+    except (ValueError, TypeError):
+        return UNPARSEABLE

@@ -1,0 +1,57 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or CRAWLER_TEST_DSN), a fresh database per test,
+a git artifacts repo, and config trees pointing at them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crawler.sandbox import pg
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> str:
+    if os.environ.get("CRAWLER_TEST_DSN"):
+        return os.environ["CRAWLER_TEST_DSN"]
+    root = Path(tempfile.mkdtemp(prefix="crawler-test-pg-"))
+    return pg.start(root / "data", keep=False)
+
+
+@pytest.fixture
+async def dsn(pg_admin_dsn: str) -> str:
+    """A new, empty database holding the host platform's tables."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'drop database if exists "{name}"')
+        await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()
+    url = pg.with_database(pg_admin_dsn, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(pg.HOST_TABLES)
+    finally:
+        await conn.close()
+    return url
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    return root

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+
+from crawler import media, paths
+from crawler.fetcher import blocked_by, parse_retry_after
+from crawler.netguard import BlockedAddress, GuardedResolver, is_blocked_ip
+from crawler.budgets import Budgets
+from crawler.config import BudgetSpec
+
+
+def canonical(root: Path, artifact_id: str, meta: dict, template="figures/papers/{paper_id}/{artifact_id}{ext}"):
+    return paths.contain(root, paths.template_resolver(template)(paths.figure_fields(artifact_id, meta, ".png")))
+
+
+def test_template_renders_and_missing_fields_are_unknown(tmp_path):
+    assert canonical(tmp_path, "fig-1", {"paper_id": "PMID-1"}) == "figures/papers/PMID-1/fig-1.png"
+    assert canonical(tmp_path, "fig-1", {}) == "figures/papers/unknown/fig-1.png"
+
+
+@pytest.mark.parametrize("artifact_id, meta", [
+    ("../../etc/passwd", {"paper_id": "x"}),
+    ("fig", {"paper_id": "../../../outside"}),
+    ("fig", {"paper_id": "/etc"}),
+    ("..", {"paper_id": ".."}),
+])
+def test_hostile_ids_stay_inside_the_root(tmp_path, artifact_id, meta):
+    rel = canonical(tmp_path, artifact_id, meta)
+    assert (tmp_path / rel).resolve().is_relative_to(tmp_path.resolve())
+    assert ".." not in Path(rel).parts
+
+
+@pytest.mark.parametrize("template", ["../{artifact_id}{ext}", "/tmp/{artifact_id}{ext}", ".git/{artifact_id}{ext}"])
+def test_templates_that_escape_are_refused(tmp_path, template):
+    with pytest.raises(paths.PathError):
+        canonical(tmp_path, "fig", {}, template)
+
+
+def test_symlink_out_of_the_root_is_refused(tmp_path):
+    root = tmp_path / "root"
+    (root / "figures").mkdir(parents=True)
+    (root / "figures" / "papers").symlink_to(tmp_path)
+    with pytest.raises(paths.PathError, match="link"):
+        canonical(root, "fig", {"paper_id": "p"})
+
+
+def test_unknown_template_field_and_bad_resolver():
+    with pytest.raises(paths.PathError, match="unknown field"):
+        paths.template_resolver("{nope}{ext}")
+    with pytest.raises(paths.PathError, match="cannot be loaded"):
+        paths.load_resolver("{ext}", "no_such_module:fn")
+
+
+@pytest.mark.parametrize("head, ext", [
+    (b"\x89PNG\r\n\x1a\n....", ".png"), (b"\xff\xd8\xff\xe0", ".jpg"), (b"GIF89a..", ".gif"),
+    (b"II*\x00....", ".tif"), (b"RIFF\x00\x00\x00\x00WEBPVP8 ", ".webp"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg">', ".svg"),
+    (b"<!doctype html><html>Not found</html>", None), (b"", None),
+])
+def test_sniff(head, ext):
+    assert media.sniff(head) == ext
+
+
+def test_content_type_must_agree():
+    assert media.agrees("image/png; charset=binary", ".png")
+    assert media.agrees("application/octet-stream", ".jpg")
+    assert not media.agrees("text/html", ".png")
+
+
+def test_retry_after_forms():
+    assert parse_retry_after("7", None) == 7.0
+    date = "Wed, 21 Oct 2026 07:28:00 GMT"
+    assert parse_retry_after("Wed, 21 Oct 2026 07:28:05 GMT", date) == 5.0
+    assert parse_retry_after("Wed, 21 Oct 2026 07:27:00 GMT", date) == 0.0
+    assert parse_retry_after("soon", date) is None
+    assert parse_retry_after(None, None) is None
+
+
+def test_blocked_by_link():
+    assert blocked_by('<https://example.org/legal>; rel="blocked-by"') == "https://example.org/legal"
+    assert blocked_by('<https://x>; rel="next"') is None
+
+
+@pytest.mark.parametrize("addr, blocked", [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.1", True), ("172.16.5.4", True),
+    ("169.254.169.254", True), ("::1", True), ("fe80::1", True), ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", True), ("93.184.216.34", False), ("2606:4700::1111", False),
+])
+def test_private_addresses(addr, blocked):
+    assert is_blocked_ip(addr) is blocked
+
+
+async def test_resolver_connect_to_and_literals():
+    r = GuardedResolver({"europepmc.org:443": "127.0.0.1:8443"}, allow_private=False)
+    try:
+        [answer] = await r.resolve("EuropePMC.org", 443)
+        assert (answer["host"], answer["port"], answer["hostname"]) == ("127.0.0.1", 8443, "EuropePMC.org")
+        with pytest.raises(BlockedAddress):
+            r.check_literal("10.0.0.1", 80)
+        with pytest.raises(BlockedAddress):
+            await r.resolve("localhost", 80)
+        r.check_literal("93.184.216.34", 80)
+    finally:
+        await r.close()
+
+
+def test_budget_routing_shares_a_provider_and_splits_default():
+    b = Budgets([BudgetSpec("default", (), 1, 1.0), BudgetSpec("epmc", ("europepmc.org", "www.ebi.ac.uk"), 4, 2.0),
+                 BudgetSpec("pmc", ("*.ncbi.nlm.nih.gov",), 2, 2.0)], 0.0)
+    assert b.name_for("www.ebi.ac.uk") == b.name_for("EUROPEPMC.ORG") == "epmc"
+    assert b.name_for("pmc.ncbi.nlm.nih.gov") == "pmc"
+    assert b.name_for("ncbi.nlm.nih.gov") == "default:ncbi.nlm.nih.gov"
+    assert b.name_for("a.com") != b.name_for("b.com")
