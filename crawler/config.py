@@ -36,10 +36,11 @@ def _type_name(v: Any) -> str:
             list: "a list", dict: "a table"}.get(type(v), type(v).__name__)
 
 
-def _same_type(default: Any, value: Any) -> bool:
+def _same_type(default: Any, value: Any, key: str = "") -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
+    if isinstance(default, float) or (isinstance(default, int) and key.endswith("_s")):
+        # Durations are numbers of seconds, whole or not (the contract writes `timeout_s = 60`).
         return isinstance(value, (int, float))
     return isinstance(value, type(default))
 
@@ -66,9 +67,9 @@ def _merge(defaults: dict, override: dict, where: str, origin: str, free: bool =
                 raise ConfigError(f"{origin}: {dotted} must be a table, got {_type_name(value)}")
             merged[key] = _merge(defaults[key], value, dotted, origin)
         else:
-            if key in defaults and not _same_type(defaults[key], value):
-                raise ConfigError(
-                    f"{origin}: {dotted} must be {_type_name(defaults[key])}, got {value!r}")
+            if key in defaults and not _same_type(defaults[key], value, key):
+                kind = "a number" if key.endswith("_s") else _type_name(defaults[key])
+                raise ConfigError(f"{origin}: {dotted} must be {kind}, got {value!r}")
             merged[key] = value
     return merged
 

@@ -95,6 +95,7 @@ async def run_job(cfg: Config, db: Database, command: str,
             await db.finish_run(run_id, status, _lean(summary))
         finally:
             log.info("run.finish", **_lean(summary))
+            logs.close()
     return (EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK), summary
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import asyncpg
 import pytest
 
 from crawler.sandbox import pg
+from tests.harness import git
 
 _counter = itertools.count()
 
@@ -42,10 +42,6 @@ async def dsn(pg_admin_dsn: str) -> str:
     finally:
         await conn.close()
     return url
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
