@@ -97,15 +97,15 @@ async def existing(root: Path, rels: list[str]) -> set[str]:
     return await asyncio.to_thread(lambda: {r for r in rels if (root / r).is_file()})
 
 
-def remove_stale_parts(directories: list[Path]) -> int:
-    """Delete `.crawler-*.part` leftovers of a killed run in these directories; return how many."""
+def remove_stale_parts(top: Path) -> int:
+    """Delete `.crawler-*.part` leftovers of a killed run anywhere under `top`; return how many.
+
+    Call only when no other run writes under `top`."""
     removed = 0
-    for d in directories:
-        try:
-            for entry in os.scandir(d):
-                if entry.name.startswith(PART_PREFIX) and entry.name.endswith(PART_SUFFIX):
-                    os.unlink(entry.path)
-                    removed += 1
-        except FileNotFoundError:
-            continue
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
+                os.unlink(os.path.join(dirpath, name))
+                removed += 1
     return removed

@@ -105,6 +105,12 @@ class FigureJob:
 
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         await self.repo.check()
+        # A killed run may have left temporary files; they live under the template's fixed prefix.
+        fixed = self.cfg["artifacts"]["figure_path"].split("{", 1)[0].rsplit("/", 1)[0]
+        if fixed and not self.cfg["artifacts"]["path_resolver"]:
+            removed = await asyncio.to_thread(files.remove_stale_parts, self.root / fixed)
+            if removed:
+                log.info("run.stale_parts_removed", files=removed)
         plan = await self._plan()
         resolver = GuardedResolver(self.http["connect_to"], self.http["allow_private_addresses"])
         session = make_session(self.http, resolver)

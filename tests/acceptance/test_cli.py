@@ -1,0 +1,173 @@
+"""The CLI in a subprocess, as an operator runs it: exit statuses, signals, crash and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crawler.sandbox import images
+from crawler.sandbox.simulator import Behaviour, UpstreamSimulator
+from tests.harness import figure_tree, git, insert_figures, rows_by_id, to_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = 48
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CRAWLER_DSN"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+async def start_cli(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler", *args, cwd=ROOT, env=cli_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await start_cli(*args)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_help_lists_every_command():
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "crawler", "--help"], cwd=ROOT, env=cli_env(),
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("figures", "recover", "run", "report", "demo"):
+        assert command in out
+
+
+async def test_no_database_says_so_in_one_line_and_points_at_the_demo():
+    code, out, err = await run_cli("figures")
+    assert code == 2 and err.count("\n") == 1 and "python -m crawler demo" in err
+
+
+async def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[budgets.europepmc]\nrate_per_s = "fast"\n')
+    code, out, err = await run_cli("figures", "--config", str(bad))
+    assert code == 2 and err.count("\n") == 1
+    assert "budgets.europepmc.rate_per_s" in err and str(bad) in err
+
+
+async def test_root_that_is_not_a_repo_is_a_config_error(dsn, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml(figure_tree(dsn, tmp_path / "nowhere", 1, tmp_path)))
+    code, _, err = await run_cli("figures", "--config", str(cfg))
+    assert code == 2 and "not a git work tree" in err and err.count("\n") == 1
+
+
+async def scene(dsn: str, sim: UpstreamSimulator) -> dict[str, bytes]:
+    """ROWS rows on one provider: every third a 404, the rest slow-ish images."""
+    bodies = {}
+    rows = []
+    for i in range(ROWS):
+        path = f"/k{i:02}.png"
+        if i % 3 == 0:
+            sim.set_route("europepmc.org", path, Behaviour(status=404, content_type="text/html", delay_s=0.05))
+        else:
+            bodies[f"k-{i:02}"] = images.png(500 + i, 6000)
+            sim.set_route("europepmc.org", path, Behaviour(body=bodies[f"k-{i:02}"], chunk_delay_s=0.02, delay_s=0.05))
+        rows.append((f"k-{i:02}", {"image_url": f"http://europepmc.org{path}", "paper_id": "P"}, None))
+    await insert_figures(dsn, rows)
+    return bodies
+
+
+def config_file(dsn: str, repo: Path, sim: UpstreamSimulator, tmp_path: Path) -> Path:
+    tree = figure_tree(dsn, repo, sim.port, tmp_path, budgets={"europepmc": {"max_inflight": 4, "rate_per_s": 20.0}},
+                       artifacts={"commit_batch": 5, "commit_interval_s": 0.3})
+    tree["report"]["console"] = True
+    path = tmp_path / "crawler.toml"
+    path.write_text(to_toml(tree))
+    return path
+
+
+async def wait_for_outcomes(reports: Path, n: int, proc: asyncio.subprocess.Process) -> None:
+    """Until the running job's log shows n row outcomes (bounded: the job itself ends)."""
+    for _ in range(2000):
+        logs = list(reports.glob("*/log.jsonl"))
+        if logs and logs[0].read_text().count('"event":"row.outcome"') >= n:
+            return
+        if proc.returncode is not None:
+            raise AssertionError("the job ended before the kill point")
+        await asyncio.sleep(0.01)
+    raise AssertionError("the job never reached the kill point")
+
+
+async def assert_consistent(dsn: str, repo: Path, bodies: dict[str, bytes]) -> None:
+    """Every row in exactly one state; database, files and git agree."""
+    rows = await rows_by_id(dsn)
+    tracked = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+    for rid, row in rows.items():
+        m = row["metadata"]
+        if rid in bodies:
+            assert m.get("image_fetch_outcome") == "fetched" and not m.get("image_unavailable"), rid
+            path = row["file_path"]
+            assert (repo / path).read_bytes() == bodies[rid]
+            assert m["file_sha256"] == hashlib.sha256(bodies[rid]).hexdigest()
+            assert path in git(repo, "ls-tree", "-r", "--name-only", m["file_commit"]).split()
+            assert path in tracked
+        else:
+            assert m.get("image_unavailable") is True and row["file_path"] is None, rid
+    on_disk = {str(p.relative_to(repo)) for p in (repo / "figures").rglob("*") if p.is_file()}
+    assert on_disk == {rows[r]["file_path"] for r in bodies}, "no stray or temporary files"
+    assert git(repo, "status", "--porcelain") == ""
+
+
+async def test_sigterm_drains_exits_130_and_the_next_run_resumes(dsn, repo, tmp_path):
+    async with UpstreamSimulator() as sim:
+        bodies = await scene(dsn, sim)
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        proc = await start_cli("figures", "--config", str(cfg))
+        await wait_for_outcomes(tmp_path / "reports", 10, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 130, err.decode()[-2000:]
+        [first] = [json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*/summary.json")]
+        assert first["status"] == "interrupted" and 0 < first["attempted"] < ROWS
+        code, _, err = await run_cli("figures", "--config", str(cfg))
+        assert code == 0, err[-2000:]
+        # rows in flight at the signal finished during the drain: no row was asked for twice
+        gets = Counter(r.path for r in sim.log if r.method == "HEAD")
+        assert len(gets) == ROWS and max(gets.values()) == 1
+        await assert_consistent(dsn, repo, bodies)
+        code, out, _ = await run_cli("report", "--config", str(cfg), "--json")
+        last = json.loads(out)
+        assert code == 0 and last["status"] == "finished"
+        assert first["attempted"] + last["attempted"] == ROWS
+
+
+@pytest.mark.parametrize("kill_after", [2, 13, 29])
+async def test_sigkill_at_any_moment_then_a_run_repairs_everything(dsn, repo, tmp_path, kill_after):
+    async with UpstreamSimulator() as sim:
+        bodies = await scene(dsn, sim)
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        proc = await start_cli("figures", "--config", str(cfg))
+        await wait_for_outcomes(tmp_path / "reports", kill_after, proc)
+        proc.kill()
+        await proc.wait()
+        conn = await asyncpg.connect(dsn)
+        durable = {r["artifact_id"] for r in await conn.fetch("select artifact_id from artifact_recovery.journal")}
+        await conn.close()
+        code, _, err = await run_cli("figures", "--config", str(cfg))
+        assert code == 0, err[-2000:]
+        await assert_consistent(dsn, repo, bodies)
+        total = Counter(r.path for r in sim.log if r.method == "HEAD")
+        asked_twice = {p for p, n in total.items() if n > 1}
+        assert all(n <= 2 for n in total.values())
+        ids_twice = {f"k-{p[2:4]}" for p in asked_twice}
+        # only rows whose outcome was not yet durable at the kill are asked again, and they are
+        # at most the rows in flight plus the few outcomes waiting for their database write
+        assert not ids_twice & durable
+        assert len(ids_twice) <= 4 + 4
