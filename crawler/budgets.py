@@ -38,7 +38,8 @@ class BudgetStats:
 
 class Budget:
     def __init__(self, name: str, max_inflight: int, rate_per_s: float, guard_s: float,
-                 on_pause: Callable[[Budget, float, str], None] | None = None) -> None:
+                 on_pause: Callable[[Budget, float, str], None] | None = None,
+                 on_resume: Callable[[Budget], None] | None = None) -> None:
         self.name = name
         self.max_inflight = max_inflight
         self.rate_per_s = rate_per_s
@@ -48,6 +49,8 @@ class Budget:
         self._paused_until = 0.0
         self._pause_reason = ""
         self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._pause_reported = False
         self.stats = BudgetStats()
         self.consecutive_refusals = 0  # 403/429 in a row, for the breaker
 
@@ -70,6 +73,7 @@ class Budget:
         self._pause_reason = reason
         if not was_paused:
             self.stats.pauses += 1
+        self._pause_reported = True
         if self._on_pause is not None:
             self._on_pause(self, when - now, reason)
 
@@ -86,6 +90,10 @@ class Budget:
                 await self._limiter.acquire()
                 if self._paused_until <= self._now():
                     break
+            if self._pause_reported:  # the first start after a pause says the budget is moving again
+                self._pause_reported = False
+                if self._on_resume is not None:
+                    self._on_resume(self)
             self.stats.started += 1
             self.stats.inflight += 1
             try:
@@ -105,6 +113,7 @@ class Budgets:
     specs: list[BudgetSpec]
     guard_s: float
     on_pause: Callable[[Budget, float, str], None] | None = None
+    on_resume: Callable[[Budget], None] | None = None
     _named: dict[str, Budget] = field(default_factory=dict)
 
     def name_for(self, host: str) -> str:
@@ -121,7 +130,7 @@ class Budgets:
         if budget is None:
             spec_name = "default" if name.startswith("default:") else name
             spec = next(s for s in self.specs if s.name == spec_name)
-            budget = Budget(name, spec.max_inflight, spec.rate_per_s, self.guard_s, self.on_pause)
+            budget = Budget(name, spec.max_inflight, spec.rate_per_s, self.guard_s, self.on_pause, self.on_resume)
             self._named[name] = budget
         return budget
 

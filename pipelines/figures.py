@@ -78,7 +78,8 @@ class FigureJob:
         self.http = cfg["http"]
         self.tally = Tally()
         self.resolve_path = paths.load_resolver(cfg["artifacts"]["figure_path"], cfg["artifacts"]["path_resolver"])
-        self.budgets = Budgets(cfg.budgets, self.http["rate_guard_s"], on_pause=self._on_pause)
+        self.budgets = Budgets(cfg.budgets, self.http["rate_guard_s"], on_pause=self._on_pause,
+                               on_resume=self._on_resume)
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"])
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
@@ -299,6 +300,9 @@ class FigureJob:
     # -- observing -------------------------------------------------------------------------------------
     def _on_pause(self, budget: Budget, seconds: float, reason: str) -> None:
         log.warning("budget.paused", budget=budget.name, seconds=round(seconds, 3), reason=reason)
+
+    def _on_resume(self, budget: Budget) -> None:
+        log.info("budget.resumed", budget=budget.name)
 
     async def _progress(self) -> None:
         interval = self.cfg["report"]["progress_interval_s"]

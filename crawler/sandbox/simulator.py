@@ -13,7 +13,12 @@ Contract:
 * Every request is appended to ``log`` as a :class:`RequestRecord` once it is over
   (response finished, connection dropped, or handler cancelled), so each record is
   complete; the log is in completion order.
-* ``stop()`` is bounded by ``shutdown_timeout`` even if clients keep connections open.
+* ``stop()`` returns within about 2 x ``shutdown_timeout`` (aiohttp waits once for
+  handlers to finish, once more after cancelling them) even if clients hold
+  connections open; idle keep-alive connections are closed at once.
+* Concurrency (``max_inflight``) is measured from handler start to end; a handler
+  that never awaits (no ``delay_s``/``chunk_delay_s``, small body) runs to completion
+  in one event-loop step, so measure client concurrency with a ``delay_s``.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ class UpstreamSimulator:
         routes: dict[tuple[str, str], Behaviour | list[Behaviour]] | None = None,
         default: Behaviour | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        shutdown_timeout: float = 1.0,
+        shutdown_timeout: float = 0.5,
     ) -> None:
         self._routes: dict[tuple[str, str], list[Behaviour]] = {}
         self._hits: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -220,7 +225,7 @@ class UpstreamSimulator:
         return self._port
 
     async def stop(self) -> None:
-        """Stop the server; in-flight handlers get ``shutdown_timeout`` seconds, then are cancelled."""
+        """Stop the server (idempotent); in-flight handlers get ``shutdown_timeout`` s, then are cancelled."""
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -280,7 +285,7 @@ class UpstreamSimulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         start = time.monotonic()
-        host = _normalise_host(request.headers.get("Host", request.host))
+        host = _normalise_host(request.host)  # the Host header, else the socket address
         path = request.raw_path
         behaviour = self._next_behaviour((host, path))
         is_head = request.method == "HEAD"
@@ -290,7 +295,6 @@ class UpstreamSimulator:
             if behaviour.delay_s:
                 await asyncio.sleep(behaviour.delay_s)
             if behaviour.reset:
-                status = 0
                 _abort_with_rst(request)
                 # Never sent: aiohttp's write fails on the aborted transport, which it
                 # treats as a premature client disconnect (no error logged).
@@ -319,7 +323,9 @@ class UpstreamSimulator:
             # The client went away mid-response; aiohttp will notice too.
             return resp
         finally:
-            self.log.append(RequestRecord(host, request.method, path, start, time.monotonic(), status))
+            # 0 whenever no status line went out: a reset, or a handler cancelled by stop().
+            sent = status if resp.prepared else 0
+            self.log.append(RequestRecord(host, request.method, path, start, time.monotonic(), sent))
 
     @staticmethod
     def _fill_headers(resp: _Response, behaviour: Behaviour) -> None:

@@ -234,6 +234,9 @@ async def test_retry_after_pauses_the_whole_budget(dsn, repo, sim, tmp_path):
     assert after, "the budget resumed"
     # requests already open when the 429 arrived may finish, but none may start during the pause
     assert min(after) >= limited.end + 1.0
+    events = [json.loads(line)["event"] for line in
+              (Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl").read_text().splitlines()]
+    assert events.index("budget.paused") < events.index("budget.resumed")
 
 
 async def test_retry_after_longer_than_the_cap_is_not_slept_through(dsn, repo, sim, tmp_path):
