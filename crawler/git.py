@@ -115,7 +115,8 @@ class GitRepo:
             index.unlink(missing_ok=True)
 
     async def _commit_with_helper(self, paths: Sequence[str]) -> str:
-        await self._run(argv=[*shlex.split(self.commit_command), *paths])
+        # The site's helper commits as the site says, not under our author identity.
+        await self._run(argv=[*shlex.split(self.commit_command), *paths], env=dict(os.environ))
         head = await self.head()
         if head is None or not await self.holds(head, paths):
             raise GitError(f"artifacts.commit_command did not commit the {len(paths)} files it was given")

@@ -171,3 +171,23 @@ async def test_sigkill_at_any_moment_then_a_run_repairs_everything(dsn, repo, tm
         # at most the rows in flight plus the few outcomes waiting for their database write
         assert not ids_twice & durable
         assert len(ids_twice) <= 4 + 4
+
+
+async def test_a_second_signal_aborts_at_once_and_is_still_safe(dsn, repo, tmp_path):
+    async with UpstreamSimulator() as sim:
+        bodies = await scene(dsn, sim)
+        for i in range(ROWS):  # slow answers, so requests are in flight at the signals
+            if f"k-{i:02}" in bodies:
+                sim.set_route("europepmc.org", f"/k{i:02}.png", Behaviour(body=bodies[f"k-{i:02}"], delay_s=0.4))
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        proc = await start_cli("figures", "--config", str(cfg))
+        await wait_for_outcomes(tmp_path / "reports", 6, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 130 and "run.aborting" in err.decode()
+        [first] = [json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*/summary.json")]
+        assert first["status"] == "interrupted"
+        code, _, err = await run_cli("figures", "--config", str(cfg))
+        assert code == 0, err[-2000:]
+        await assert_consistent(dsn, repo, bodies)
