@@ -37,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--limit", type=int, metavar="N", help="take at most N rows this run")
     job.add_argument("--host", metavar="NAME", help="only rows whose image URL is on this host")
     job.add_argument("--retry-failed", action="store_true", help="also take rows whose last outcome was failed")
-    for name in ("figures", "run"):
-        sub.add_parser(name, parents=[common, job], help=COMMANDS[name], description=COMMANDS[name])
-    sub.add_parser("recover", parents=[common], help=COMMANDS["recover"], description=COMMANDS["recover"])
+    recover = argparse.ArgumentParser(add_help=False)
+    recover.add_argument("--plan", action="store_true",
+                         help="search and decide, write the changes it would make to the report folder; change nothing")
+    recover.add_argument("--approve", metavar="FILE",
+                         help="CSV (artifact_id,candidate_location) of candidates an operator approved after reading the inventory")
+    sub.add_parser("figures", parents=[common, job], help=COMMANDS["figures"], description=COMMANDS["figures"])
+    sub.add_parser("recover", parents=[common, recover], help=COMMANDS["recover"], description=COMMANDS["recover"])
+    sub.add_parser("run", parents=[common, job, recover], help=COMMANDS["run"], description=COMMANDS["run"])
     rep = sub.add_parser("report", parents=[common], help=COMMANDS["report"], description=COMMANDS["report"])
     rep.add_argument("run_id", nargs="?", metavar="RUN_ID")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of summary.md")
@@ -108,9 +113,25 @@ async def run_figures(cfg: Config, db: Database, args: argparse.Namespace) -> tu
 
 
 async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> int:
-    # Style: a component that is switched off says so in one line instead of half-starting.
-    print("crawler: recover: the recovery job is not built yet (issue 3); nothing was changed", file=sys.stderr)
-    return engine.EXIT_OK if args.command == "run" else engine.EXIT_FAILED
+    from pipelines.recover import RecoverJob, RecoverOptions
+    approve = Path(args.approve) if getattr(args, "approve", None) else None
+    if approve is not None and not approve.is_file():
+        raise ConfigError(f"--approve {approve}: no such file")
+    opts = RecoverOptions(plan=getattr(args, "plan", False), approve=approve)
+    status, summary = await engine.run_job(cfg, db, "recover", lambda run_id: RecoverJob(cfg, db, run_id, opts),
+                                           verbose=args.verbose)
+    print_recover_line(summary)
+    return status
+
+
+def print_recover_line(summary: dict) -> None:
+    parts = []
+    for t, c in sorted(summary.get("per_type", {}).items()):
+        parts.append(f"{t}: {c['rows']} rows, {c['bound']} bound, {c['needs_review']} needs_review, "
+                     f"{c['unrecoverable']} unrecoverable, {c['missing']} missing")
+    plan = " (plan only: nothing written)" if summary.get("plan") else ""
+    print(f"recover {summary.get('status')}{plan}: " + "; ".join(parts) + f" (report: {summary.get('run_id')})",
+          file=sys.stderr)
 
 
 def print_summary_line(summary: dict) -> None:

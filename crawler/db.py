@@ -146,6 +146,58 @@ class Database:
             written = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
         return len(written)
 
+    # -- recovery rows ---------------------------------------------------------------------------
+    async def recovery_rows(self, types: Sequence[str], page_size: int) -> list[dict[str, Any]]:
+        """Every row of these types, paged by key (the three types hold hundreds, not millions)."""
+        out: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            rows = await self._pool.fetch(self._sql(Q.RECOVERY_PAGE), list(types), after, page_size)
+            if not rows:
+                return out
+            for r in rows:
+                out.append({"id": r["id"], "artifact_type": r["artifact_type"], "file_path": r["file_path"],
+                            "metadata": json.loads(r["metadata"])})
+            after = rows[-1]["id"]
+
+    async def latest_references(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The latest artifact_references entry per id, where that optional table exists."""
+        if not await self._pool.fetchval(Q.HAS_REFERENCES):
+            return {}
+        rows = await self._pool.fetch(Q.LATEST_REFERENCES, list(ids))
+        return {r["artifact_id"]: dict(r) for r in rows}
+
+    # -- tarball manifests -------------------------------------------------------------------------
+    async def manifest_find(self, s3_url: str, etag: str, size: int) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(self._sql(Q.MANIFEST_FIND), s3_url, etag, size)
+        return dict(row) if row else None
+
+    async def manifest_open(self, s3_url: str, etag: str, size: int, run_id: str) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            manifest_id = await conn.fetchval(self._sql(Q.MANIFEST_OPEN), s3_url, etag, size, run_id)
+            await conn.execute(self._sql(Q.MANIFEST_CLEAR), manifest_id)
+        return manifest_id
+
+    async def manifest_add_members(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """Member rows in Q.MEMBERS_COLUMNS order, by COPY (a tarball may hold millions)."""
+        if records:
+            async with self._pool.acquire() as conn:
+                await conn.copy_records_to_table("tarball_members", schema_name=self.schema_name,
+                                                 columns=list(Q.MEMBERS_COLUMNS), records=records)
+
+    async def manifest_close(self, manifest_id: int, error: str | None, members: int) -> None:
+        await self._pool.execute(self._sql(Q.MANIFEST_CLOSE), manifest_id, error, members)
+
+    async def manifest_extracted(self, manifest_id: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._pool.fetch(self._sql(Q.MEMBERS_EXTRACTED), manifest_id)]
+
+    async def manifest_paths(self, manifest_id: int) -> dict[str, bool]:
+        """Member path → whether some copy of it was extracted."""
+        out: dict[str, bool] = {}
+        for r in await self._pool.fetch(self._sql(Q.MEMBER_PATHS), manifest_id):
+            out[r["path"]] = out.get(r["path"], False) or r["extracted"]
+        return out
+
     # -- for tests and the sandbox ------------------------------------------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self._pool.fetch(self._sql(sql), *args)

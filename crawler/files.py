@@ -56,6 +56,12 @@ class TempFile:
             await asyncio.to_thread(self.path.unlink, True)
 
 
+async def copy(src: Path, dst: Path) -> None:
+    """Copy a file's bytes (no metadata) in a worker thread."""
+    import shutil
+    await asyncio.to_thread(shutil.copyfile, src, dst)
+
+
 async def place(temp: Path, final: Path) -> None:
     """Rename `temp` over `final` (atomic on one file system), creating the directory."""
     def _do() -> None:

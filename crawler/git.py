@@ -14,7 +14,7 @@ import asyncio
 import fcntl
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -135,3 +135,43 @@ async def init_repo(root: Path) -> None:
     repo = GitRepo(root, 60, "sandbox", "sandbox@localhost")
     await repo._run("init", "-q", "-b", "main")
     await repo._run("commit", "-q", "--allow-empty", "-m", "artifacts repository")
+
+
+class History:
+    """Read-only access to the blobs in a repository's history."""
+
+    def __init__(self, repo: GitRepo) -> None:
+        self.repo = repo
+
+    async def objects(self) -> list[tuple[str, str]]:
+        """(object id, path) of every object reachable from any ref, first path seen."""
+        listing = await self.repo._run("rev-list", "--all", "--objects")
+        out = []
+        for line in listing.splitlines():
+            sha, _, path = line.partition(" ")
+            if path:
+                out.append((sha, path))
+        return out
+
+    async def blob_sizes(self, shas: Sequence[str]) -> dict[str, int]:
+        """Sizes of those ids that are blobs."""
+        if not shas:
+            return {}
+        checks = await self.repo._run("cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)",
+                                      stdin="\n".join(shas).encode() + b"\n")
+        sizes = {}
+        for line in checks.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "blob":
+                sizes[parts[0]] = int(parts[2])
+        return sizes
+
+    async def read_blob(self, sha: str, sink: Callable[[bytes], None], chunk: int = 1 << 20) -> None:
+        """Stream a blob's bytes into `sink`."""
+        proc = await asyncio.create_subprocess_exec("git", "cat-file", "blob", sha, cwd=self.repo.root,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        assert proc.stdout is not None
+        while block := await proc.stdout.read(chunk):
+            sink(block)
+        if await proc.wait() != 0:
+            raise GitError(f"git cat-file blob {sha} failed")

@@ -73,6 +73,25 @@ def transient_next_attempt(at: datetime, retry_after_s: float) -> datetime:
     return at + timedelta(seconds=retry_after_s)
 
 
+# -- the contract's keys, recovery job -------------------------------------------------------------
+
+def file_bound(artifact_id: str, file_path: str, sha256: str, size: int, source: str, confidence: str,
+               commit: str, at: datetime, approved: bool = False) -> Change:
+    patch: dict[str, Any] = {
+        "file_sha256": sha256, "file_size_bytes": size, "file_bound_at": iso(at),
+        "file_bind_source": source, "file_bind_confidence": confidence, "file_commit": commit,
+    }
+    if approved:
+        patch["file_bind_approved"] = True
+    return Change(artifact_id, "bound", patch=patch, file_path=file_path,
+                  detail={"source": source, "confidence": confidence})
+
+
+def file_unrecoverable(artifact_id: str, reason: str) -> Change:
+    return Change(artifact_id, "unrecoverable",
+                  patch={"file_unrecoverable": True, "file_unrecoverable_reason": reason}, detail={"reason": reason})
+
+
 # -- the writer ------------------------------------------------------------------------------------
 
 class Sink:

@@ -101,3 +101,41 @@ def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
         if isinstance(v, dict):
             out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
     return "\n".join(out) + "\n"
+
+
+async def insert_artifacts(dsn: str, rows: list[tuple[str, str, dict[str, Any] | Any, str | None]]) -> None:
+    """rows: (id, artifact_type, metadata, file_path)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(
+            "insert into artifacts (id, artifact_type, title, file_path, metadata) values ($1, $2, $1, $4, $3::jsonb)",
+            [(i, t, json.dumps(m), fp) for i, t, m, fp in rows])
+    finally:
+        await conn.close()
+
+
+def recover_config(dsn: str, root: Path, tmp: Path, **recovery: Any) -> Config:
+    tree = {
+        "db": {"dsn": dsn, "flush_interval_s": 0.05},
+        "artifacts": {"root": str(root), "commit_interval_s": 0.2, "fsync": False},
+        "recovery": {"checkout": str(root), "worktrees": [str(tmp / "wt" / "*" / "data" / "scidex-artifacts")],
+                     "s3_prefix": "", "staging_dir": str(tmp / "staging"), **recovery},
+        "report": {"dir": str(tmp / "reports"), "console": False},
+    }
+    return config.from_tree(tree)
+
+
+async def run_recover(cfg: Config, **opts: Any) -> tuple[int, dict[str, Any]]:
+    from crawler import engine
+    from pipelines.recover import RecoverJob, RecoverOptions
+    db = await engine.open_database(cfg)
+    try:
+        return await engine.run_job(cfg, db, "recover", lambda rid: RecoverJob(cfg, db, rid, RecoverOptions(**opts)))
+    finally:
+        await db.close()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -105,3 +105,46 @@ from input i join before b on b.id = i.id join updated u on u.id = i.id
 returning artifact_id"""
 
 LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"
+
+# -- the recovery job ---------------------------------------------------------------------------
+
+RECOVERY_PAGE = """
+select a.id, a.artifact_type, a.file_path, a.metadata
+from {table} a
+where a.artifact_type = any($1::text[]) and a.id > $2::text
+order by a.id
+limit $3"""
+
+HAS_REFERENCES = "select to_regclass('artifact_references') is not null"
+
+LATEST_REFERENCES = """
+select distinct on (artifact_id) artifact_id, source_kind, source_id, referenced_at
+from artifact_references
+where artifact_id = any($1::text[])
+order by artifact_id, referenced_at desc"""
+
+MANIFEST_FIND = """
+select id, complete, error, members from {schema}.tarball_manifests
+where s3_url = $1 and etag = $2 and size = $3"""
+
+# A scan that starts again (an earlier one was cut off) begins from an empty member list.
+MANIFEST_OPEN = """
+insert into {schema}.tarball_manifests (s3_url, etag, size, run_id) values ($1, $2, $3, $4)
+on conflict (s3_url, etag, size) do update set complete = false, error = null, members = 0,
+  run_id = excluded.run_id, scanned_at = now()
+returning id"""
+MANIFEST_CLEAR = "delete from {schema}.tarball_members where manifest_id = $1"
+MANIFEST_CLOSE = """
+update {schema}.tarball_manifests set complete = true, error = $2, members = $3, scanned_at = now()
+where id = $1"""
+
+MEMBERS_COLUMNS = ("manifest_id", "idx", "path", "size", "type", "skipped", "sha256", "staging_path")
+
+# Extracted members of a manifest; a later duplicate of a path wins, as in tar.
+MEMBERS_EXTRACTED = """
+select distinct on (path) path, size, sha256, staging_path
+from {schema}.tarball_members
+where manifest_id = $1 and sha256 is not null
+order by path, idx desc"""
+
+MEMBER_PATHS = "select path, sha256 is not null as extracted from {schema}.tarball_members where manifest_id = $1"

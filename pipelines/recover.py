@@ -1,0 +1,319 @@
+"""The recovery job: dataset, model and tabular_dataset rows — search everywhere once, bind only
+on evidence, explain the rest.
+
+    rows ─▶ expectations ─▶ Wanted ─┬─▶ checkout + worktrees (walked concurrently)
+                                    ├─▶ checkout history (git blobs)          ─▶ candidates
+                                    └─▶ the N newest S3 tarballs (streamed once; manifests)
+    candidates ─▶ hash what could match ─▶ evidence ladder ─▶ binds: copy → commit (≤100) → stamp
+                                                           └─▶ inventory_<type>.csv, residual.csv
+
+Rows already bound (their file is under the root) or marked unrecoverable are counted, not
+searched. RAM-only rows are marked unrecoverable. `--plan` does everything but write the
+database and the repository, and writes the changes it would make to plan.csv instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from crawler import evidence as ev
+from crawler import files, localsearch, paths, sink as contract
+from crawler.committer import Committer, PlacedFile
+from crawler.config import Config
+from crawler.db import Change, Database
+from crawler.evidence import Candidate, Decision, Expectation, TypeRules
+from crawler.git import GitRepo, History
+from crawler.sink import Sink, utcnow
+from pipelines import tarballs
+
+log = structlog.get_logger()
+
+STATUSES = ("bound", "needs_review", "unrecoverable", "missing")
+
+
+@dataclass
+class RecoverOptions:
+    plan: bool = False
+    approve: Path | None = None
+
+
+@dataclass
+class RowState:
+    row: dict[str, Any]
+    expectation: Expectation | None = None
+    decision: Decision | None = None
+    related: list[tuple[str, Candidate]] = field(default_factory=list)
+    file_path: str | None = None
+
+
+class RecoverJob:
+    def __init__(self, cfg: Config, db: Database, run_id: str, opts: RecoverOptions) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.run_id = run_id
+        self.opts = opts
+        rec = cfg["recovery"]
+        self.rec = rec
+        self.rules = {t: TypeRules(tuple(v["dirs"]), tuple(v["extensions"]), v["path"]) for t, v in rec["types"].items()}
+        self.root = Path(cfg["artifacts"]["root"])
+        self.checkout = Path(rec["checkout"])
+        self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
+                            cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"])
+        self.history = History(GitRepo(self.checkout, cfg["artifacts"]["git_timeout_s"], "", ""))
+        self.folder = Path(cfg["report"]["dir"]) / run_id
+        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
+        self.committer = Committer(self.repo, self.sink, rec["commit_batch"], cfg["artifacts"]["commit_interval_s"],
+                                   run_id, self._stamp, "recovered files")
+        self._stopping = False
+        self.searched: dict[str, Any] = {"worktrees": 0, "tarballs": 0, "history": False}
+        self.planned: list[dict[str, Any]] = []
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def abort(self) -> None:
+        self._stopping = True
+
+    async def run(self, drain_timeout_s: float) -> dict[str, Any]:
+        if not self.opts.plan:
+            await self.repo.check()
+        states = await self._load()
+        todo = [s for s in states.values() if s.expectation is not None and s.decision is None]
+        candidates = await self._search([s.expectation for s in todo if s.expectation])
+        if self._stopping:
+            return {"interrupted": True, **self._summary(states)}
+        await self._hash(candidates)
+        decisions = ev.decide_all([s.expectation for s in todo if s.expectation], candidates)
+        for s in todo:
+            assert s.expectation is not None
+            s.decision = decisions[s.row["id"]]
+            s.related = [(r, c) for c in candidates if (r := ev.relevant(s.expectation, c))]
+        self._apply_approvals(states)
+        if not self.opts.plan:
+            self.sink.start()
+            self.committer.start()
+        try:
+            for s in states.values():
+                await self._settle(s)
+        finally:
+            if not self.opts.plan:
+                await self.committer.close()
+                await self.sink.close()
+        self._write_reports(states, await self.db.latest_references(list(states)))
+        return self._summary(states)
+
+    # -- rows and expectations ------------------------------------------------------------------
+    async def _load(self) -> dict[str, RowState]:
+        rows = await self.db.recovery_rows(list(self.rules), self.cfg["db"]["page_size"])
+        present = await files.existing(self.root, [r["file_path"] for r in rows
+                                                    if isinstance(r["file_path"], str) and paths_ok(r["file_path"])])
+        states: dict[str, RowState] = {}
+        for r in rows:
+            s = RowState(r)
+            states[r["id"]] = s
+            meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
+            if r["file_path"] in present:
+                s.decision = Decision("bound", meta.get("file_bind_confidence"), reason="already bound")
+                s.file_path = r["file_path"]
+                continue
+            if meta.get("file_unrecoverable") is True:
+                s.decision = Decision("unrecoverable", reason=str(meta.get("file_unrecoverable_reason") or "marked unrecoverable"))
+                continue
+            s.expectation = ev.expect(r["id"], r["artifact_type"], r["metadata"], self.rules[r["artifact_type"]],
+                                      self.rec["ram_only_creators"])
+            for note in s.expectation.notes:
+                log.warning("row.bad_metadata", artifact_id=r["id"], error=note)
+        log.info("recover.rows", rows=len(rows), to_search=sum(1 for s in states.values() if s.decision is None),
+                 per_type=dict(Counter(r["artifact_type"] for r in rows)))
+        return states
+
+    # -- search ----------------------------------------------------------------------------------
+    async def _search(self, expectations: list[Expectation]) -> list[Candidate]:
+        searchable = [e for e in expectations if not e.lost_reason]
+        if not searchable:
+            return []
+        wanted = localsearch.Wanted.of(searchable)
+        worktrees = localsearch.find_worktrees(self.rec["worktrees"], self.checkout)
+        self.searched["worktrees"] = len(worktrees)
+        jobs: list[Any] = [localsearch.walk_locations(self.checkout, worktrees, wanted)]
+        if self.rec["git_history"]:
+            jobs.append(localsearch.history_candidates(self.history, wanted))
+            self.searched["history"] = True
+        jobs.append(tarballs.search(self.cfg, self.db, self.run_id, wanted, self.searched))
+        found = await asyncio.gather(*jobs)
+        candidates = [c for batch in found for c in batch]
+        log.info("recover.searched", candidates=len(candidates), worktrees=len(worktrees),
+                 tarballs=self.searched["tarballs"], history=self.searched["history"])
+        return candidates
+
+    async def _hash(self, candidates: list[Candidate]) -> None:
+        gate = asyncio.Semaphore(4)  # a few files at a time: disks, not cores, bound hashing
+
+        async def one(c: Candidate) -> None:
+            async with gate:
+                try:
+                    await localsearch.hash_candidate(c, self.history)
+                except OSError as exc:
+                    log.warning("candidate.unreadable", candidate=c.ref, error=str(exc))
+        await asyncio.gather(*(one(c) for c in candidates))
+
+    def _apply_approvals(self, states: dict[str, RowState]) -> None:
+        if self.opts.approve is None:
+            return
+        with open(self.opts.approve, newline="") as fh:
+            for line_no, rec in enumerate(csv.DictReader(fh), start=2):
+                rid, ref = (rec.get("artifact_id") or "").strip(), (rec.get("candidate_location") or "").strip()
+                s = states.get(rid)
+                if s is None or s.expectation is None or s.decision is None or s.decision.status == "bound":
+                    log.warning("approval.ignored", line=line_no, artifact_id=rid,
+                                error="no such row awaiting a file")
+                    continue
+                approved = ev.approve(s.expectation, s.related, ref)
+                if approved is None:
+                    log.warning("approval.ignored", line=line_no, artifact_id=rid, candidate=ref,
+                                error="the row has no such candidate (or it contradicts the recorded sha256)")
+                    continue
+                s.decision = approved
+                log.info("approval.accepted", artifact_id=rid, candidate=ref)
+
+    # -- writing ---------------------------------------------------------------------------------
+    async def _settle(self, s: RowState) -> None:
+        d = s.decision
+        rid = s.row["id"]
+        if d is None or s.expectation is None:
+            return  # counted as it was found (already bound or unrecoverable)
+        if d.status == "unrecoverable":
+            self._change(contract.file_unrecoverable(rid, d.reason))
+            return
+        if d.status != "bound" or d.chosen is None:
+            return
+        c = d.chosen
+        try:
+            rel = await self._destination(s.expectation, c)
+        except paths.PathError as exc:
+            s.decision = Decision("needs_review", d.confidence, None, d.evidence, reason=str(exc))
+            return
+        s.file_path = rel
+        log.info("row.bind", artifact_id=rid, source=c.where, path=rel, confidence=d.confidence, plan=self.opts.plan)
+        if self.opts.plan:
+            self.planned.append({"artifact_id": rid, "file_path": rel, "source": c.ref, "confidence": d.confidence,
+                                 "sha256": c.sha256, "size": c.size})
+            return
+        target = self.root / rel
+        if not (target.is_file() and target.resolve() == Path(str(c.handle)).resolve()):
+            temp = files.TempFile(target.parent, paths.safe_segment(rid))
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            await localsearch.copy_candidate(c, self.history, temp.path)
+            await files.place(temp.path, target)
+        self.committer.add(PlacedFile(rid, rel, c.sha256 or "", c.size, "", utcnow(), c.where,
+                                      {"confidence": d.confidence, "approved": d.reason == "approved by an operator"}))
+
+    async def _destination(self, e: Expectation, c: Candidate) -> str:
+        """expected_path when the row names one, else the type's template; never over other content."""
+        name = c.basename if not e.basenames else sorted(e.basenames)[0]
+        ext = ev.extension_of(name, e.extensions)
+        choices = list(e.expected_paths) or [self.rules[e.artifact_type].path.format(
+            artifact_id=paths.safe_segment(e.artifact_id), basename=name, ext=ext)]
+        choices.append(f"{choices[0].rsplit('/', 1)[0]}/{paths.safe_segment(e.artifact_id)}/{name}")
+        for choice in choices:
+            rel = paths.contain(self.root, choice)
+            target = self.root / rel
+            if not target.exists():
+                return rel
+            sha, _, _ = await files.hash_file(target)
+            if sha == c.sha256:
+                return rel
+        raise paths.PathError(f"{choices[0]} already holds other content")
+
+    def _change(self, change: Change) -> None:
+        if self.opts.plan:
+            self.planned.append({"artifact_id": change.artifact_id, "change": change.outcome, **change.patch})
+        else:
+            self.sink.record(change)
+
+    @staticmethod
+    def _stamp(p: PlacedFile, commit: str) -> Change:
+        extra = p.extra or {}
+        return contract.file_bound(p.artifact_id, p.rel_path, p.sha256, p.size, p.source,
+                                   extra.get("confidence", "medium"), commit, p.fetched_at, extra.get("approved", False))
+
+    # -- reports -----------------------------------------------------------------------------------
+    def _write_reports(self, states: dict[str, RowState], refs: dict[str, dict[str, Any]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        by_type: dict[str, list[RowState]] = {t: [] for t in self.rules}
+        for s in states.values():
+            by_type[s.row["artifact_type"]].append(s)
+        for t, rows in by_type.items():
+            with open(self.folder / f"inventory_{t}.csv", "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["artifact_id", "expected_basenames", "expected_paths", "recorded_sha256", "recorded_size",
+                            "candidates", "confidence", "status", "bind_source", "file_path", "reason"])
+                for s in rows:
+                    e, d = s.expectation, s.decision
+                    cands = ";".join(f"{c.ref}|{c.size}|{c.sha256 or ''}|{rung}" for rung, c in s.related)
+                    w.writerow([s.row["id"], " ".join(sorted(e.basenames)) if e else "",
+                                " ".join(e.expected_paths) if e else "", (e.sha256 or "") if e else "",
+                                "" if not e or e.size is None else e.size, cands, (d.confidence or "") if d else "",
+                                self._status(s), d.chosen.ref if d and d.chosen else "", s.file_path or "",
+                                d.reason if d else ""])
+        with open(self.folder / "residual.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["artifact_id", "artifact_type", "failure_mode"])
+            for s in states.values():
+                if self._status(s) != "bound":
+                    w.writerow([s.row["id"], s.row["artifact_type"], self._failure_mode(s, refs.get(s.row["id"]))])
+        if self.opts.plan:
+            with open(self.folder / "plan.csv", "w", newline="") as fh:
+                keys = sorted({k for p in self.planned for k in p})
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.planned)
+
+    def _status(self, s: RowState) -> str:
+        d = s.decision
+        return "missing" if d is None else d.status
+
+    def _failure_mode(self, s: RowState, ref: dict[str, Any] | None) -> str:
+        e, d = s.expectation, s.decision
+        expected = (" or ".join(e.expected_paths or sorted(e.basenames)) if e and (e.expected_paths or e.basenames)
+                    else (f"a file with sha256 {e.sha256[:12]}…" if e and e.sha256 else "a file the row does not name"))
+        where = ["checkout"]
+        if self.searched["history"]:
+            where.append("its history")
+        where.append(f"{self.searched['worktrees']} worktree{'s' if self.searched['worktrees'] != 1 else ''}")
+        where.append(f"{self.searched['tarballs']} tarball{'s' if self.searched['tarballs'] != 1 else ''}")
+        searched = ", ".join(where[:-1]) + " or " + where[-1]
+        status = self._status(s)
+        if status == "unrecoverable":
+            text = f"lost for good: {d.reason if d else ''}"
+        elif status == "needs_review":
+            n = len(s.related)
+            text = f"expected {expected}; {n} candidate{'s' if n != 1 else ''} found but none bound: {d.reason if d else ''}"
+        else:
+            text = f"expected {expected}; not in {searched}"
+        if ref:
+            text += (f"; last referenced {ref['referenced_at']:%Y-%m-%d} in {ref['source_kind']} {ref['source_id']}")
+        return text
+
+    def _summary(self, states: dict[str, RowState]) -> dict[str, Any]:
+        per_type: dict[str, dict[str, int]] = {t: {"rows": 0, **{k: 0 for k in STATUSES}} for t in self.rules}
+        for s in states.values():
+            c = per_type[s.row["artifact_type"]]
+            c["rows"] += 1
+            c[self._status(s)] += 1
+        confidence = Counter(s.decision.confidence for s in states.values()
+                             if s.decision and s.decision.status == "bound" and s.file_path and s.decision.confidence)
+        return {"per_type": per_type, "plan": self.opts.plan, "confidence": dict(confidence),
+                "searched": self.searched, "commits": self.committer.commits,
+                "commit_failed_files": self.committer.failed_files, "interrupted": self._stopping}
+
+
+def paths_ok(rel: str) -> bool:
+    return ev.clean_relative(rel) is not None

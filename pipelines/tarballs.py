@@ -1,0 +1,108 @@
+"""Tarball candidates for the recovery job: the N newest backups under `recovery.s3_prefix`.
+
+Each tarball is read at most once, as a stream: every member header goes to a manifest in the
+tool's schema (keyed by URL + ETag + size) and only members that could match some row are
+extracted, into `recovery.staging_dir/<manifest id>/` under generated names. A complete manifest
+whose wanted members are all in staging answers later runs without reading the tarball again;
+a scan that was cut off starts that tarball over. A truncated or corrupt tarball is reported and
+the run goes on with what was read before the damage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from crawler.config import Config
+from crawler.db import Database
+from crawler.evidence import Candidate
+from crawler.localsearch import Wanted
+
+log = structlog.get_logger()
+
+MANIFEST_BATCH = 10_000  # member rows per COPY while scanning
+
+
+def member_rel(path: str) -> str:
+    """A member's path relative to the tarball's member tree ("./datasets/x" → "datasets/x")."""
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searched: dict[str, Any]) -> list[Candidate]:
+    rec = cfg["recovery"]
+    if not rec["s3_prefix"] or rec["tarballs"] == 0:
+        log.info("recover.tarballs_off", reason="recovery.s3_prefix is empty or recovery.tarballs is 0")
+        return []
+    from crawler import s3, tarscan  # aiobotocore is heavy; only a run that reads S3 pays for it
+
+    bucket, prefix = s3.parse_s3_url(rec["s3_prefix"])
+    staging_root = Path(rec["staging_dir"]).resolve()
+    out: list[Candidate] = []
+    async with s3.S3Store(cfg["s3"]["endpoint_url"], cfg["s3"]["region"]) as store:
+        chosen = await store.latest_tarballs(bucket, prefix, rec["tarballs"])
+        searched["tarballs"] = len(chosen)
+        log.info("recover.tarballs", chosen=[o.key for o in chosen])
+        for obj in chosen:
+            url = f"s3://{bucket}/{obj.key}"
+            manifest = await db.manifest_find(url, obj.etag, obj.size)
+            if manifest and manifest["complete"] and await _manifest_answers(db, manifest["id"], wanted, staging_root):
+                log.info("tarball.from_manifest", tarball=url, members=manifest["members"], error=manifest["error"])
+                manifest_id = manifest["id"]
+            else:
+                manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec)
+            for m in await db.manifest_extracted(manifest_id):
+                out.append(Candidate(f"{url}#{m['path']}", "s3", member_rel(m["path"]), m["size"], m["sha256"],
+                                     handle=Path(m["staging_path"])))
+    return out
+
+
+async def _manifest_answers(db: Database, manifest_id: int, wanted: Wanted, staging_root: Path) -> bool:
+    """Whether a complete manifest can stand in for reading the tarball again."""
+    for path, extracted in (await db.manifest_paths(manifest_id)).items():
+        if wanted(member_rel(path), None) and not extracted:
+            return False  # a member this run wants was not kept last time
+    return all(Path(m["staging_path"]).is_file() for m in await db.manifest_extracted(manifest_id))
+
+
+async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, url: str, run_id: str,
+                wanted: Wanted, staging_root: Path, rec: dict[str, Any]) -> int:
+    manifest_id = await db.manifest_open(url, obj.etag, obj.size, run_id)
+    staging = staging_root / str(manifest_id)
+    staging.mkdir(parents=True, exist_ok=True)
+    pending: list[tuple[Any, ...]] = []
+    flushes: list[Any] = []
+
+    def on_member(m: Any) -> None:
+        pending.append((manifest_id, m.index, m.path, m.size, m.type, m.skipped,
+                        m.extracted.sha256 if m.extracted else None,
+                        str(m.extracted.staging_path) if m.extracted else None))
+        if m.skipped and wanted(member_rel(m.path), m.size):
+            log.warning("tarball.member_skipped", tarball=url, member=m.path, reason=m.skipped)
+
+    log.info("tarball.scan_start", tarball=url, size=obj.size)
+    result = await tarscan.scan(
+        _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"]), pending, db, flushes),
+        lambda path: wanted(member_rel(path), None), staging,
+        max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"], on_member=on_member)
+    await db.manifest_add_members(pending)
+    pending.clear()
+    if result.error:
+        log.error("tarball.damaged", tarball=url, error=result.error, members=result.members)
+    await db.manifest_close(manifest_id, result.error, result.members)
+    log.info("tarball.scanned", tarball=url, members=result.members, extracted=len(result.extracted),
+             skipped=len(result.skipped), bytes=result.bytes_read)
+    return manifest_id
+
+
+async def _flushing(chunks: Any, pending: list[tuple[Any, ...]], db: Database, flushes: list[Any]) -> Any:
+    """Pass the stream through, writing manifest rows between chunks so memory stays flat."""
+    async for chunk in chunks:
+        if len(pending) >= MANIFEST_BATCH:
+            batch = pending[:]
+            pending.clear()
+            await db.manifest_add_members(batch)
+        yield chunk
