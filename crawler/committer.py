@@ -69,16 +69,18 @@ class Committer:
 
     async def _loop(self) -> None:
         while not self._closing:
+            timed_out = False
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             except TimeoutError:
-                pass
+                timed_out = True
             self._wake.clear()
-            await self.commit_pending()
+            # Woken by a full batch: commit full batches only; the rest waits for the interval.
+            await self.commit_pending(full_only=not timed_out and not self._closing)
 
-    async def commit_pending(self) -> None:
+    async def commit_pending(self, full_only: bool = False) -> None:
         async with self._lock:
-            while self._pending:
+            while self._pending and (not full_only or len(self._pending) >= self._batch):
                 batch = self._pending[: self._batch]
                 del self._pending[: len(batch)]
                 await self._commit(batch)

@@ -105,6 +105,17 @@ async def wait_for_outcomes(reports: Path, n: int, proc: asyncio.subprocess.Proc
     raise AssertionError("the job never reached the kill point")
 
 
+async def wait_for_event(reports: Path, event: str, proc: asyncio.subprocess.Process) -> None:
+    for _ in range(2000):
+        logs = list(reports.glob("*/log.jsonl"))
+        if logs and f'"event":"{event}"' in logs[0].read_text():
+            return
+        if proc.returncode is not None:
+            raise AssertionError(f"the job ended before {event}")
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the job never logged {event}")
+
+
 async def assert_consistent(dsn: str, repo: Path, bodies: dict[str, bytes]) -> None:
     """Every row in exactly one state; database, files and git agree."""
     rows = await rows_by_id(dsn)
@@ -183,6 +194,7 @@ async def test_a_second_signal_aborts_at_once_and_is_still_safe(dsn, repo, tmp_p
         proc = await start_cli("figures", "--config", str(cfg))
         await wait_for_outcomes(tmp_path / "reports", 6, proc)
         proc.send_signal(signal.SIGTERM)
+        await wait_for_event(tmp_path / "reports", "run.stopping", proc)  # signals do not queue
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 130 and "run.aborting" in err.decode()
