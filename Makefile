@@ -23,7 +23,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m compileall -q crawler pipelines tests
 
-bench: $(STAMP)
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
 
 clean:

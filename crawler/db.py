@@ -191,12 +191,10 @@ class Database:
     async def manifest_extracted(self, manifest_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._pool.fetch(self._sql(Q.MEMBERS_EXTRACTED), manifest_id)]
 
-    async def manifest_paths(self, manifest_id: int) -> dict[str, bool]:
-        """Member path → whether some copy of it was extracted."""
-        out: dict[str, bool] = {}
-        for r in await self._pool.fetch(self._sql(Q.MEMBER_PATHS), manifest_id):
-            out[r["path"]] = out.get(r["path"], False) or r["extracted"]
-        return out
+    async def manifest_paths(self, manifest_id: int) -> list[tuple[str, int, bool]]:
+        """(normalised path, size, whether a copy was extracted) of its regular, unrefused members."""
+        return [(r["path"], r["size"], r["extracted"])
+                for r in await self._pool.fetch(self._sql(Q.MEMBER_PATHS), manifest_id)]
 
     # -- for tests and the sandbox ------------------------------------------------------------
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:

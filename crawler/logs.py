@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import structlog
 
 QUIET_ON_CONSOLE = frozenset({"row.outcome"})
+FILE_ONLY_KEYS = frozenset({"config"})  # the effective config is long: the JSON log keeps it
 
 
 class _Fanout:
@@ -29,7 +30,7 @@ class _Fanout:
             self.file.flush()
         if self.console is not None and (self.verbose or event["event"] not in QUIET_ON_CONSOLE):
             rest = " ".join(f"{k}={v}" for k, v in event.items()
-                            if k not in ("event", "timestamp", "run_id", "level"))
+                            if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)
             self.console.write(f"{event['timestamp'][11:19]} {event.get('level', 'info'):5} "
                                f"{event['event']} {rest}\n")
             self.console.flush()

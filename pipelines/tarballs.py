@@ -25,13 +25,6 @@ log = structlog.get_logger()
 MANIFEST_BATCH = 10_000  # member rows per COPY while scanning
 
 
-def member_rel(path: str) -> str:
-    """A member's path relative to the tarball's member tree ("./datasets/x" → "datasets/x")."""
-    while path.startswith("./"):
-        path = path[2:]
-    return path
-
-
 async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searched: dict[str, Any]) -> list[Candidate]:
     rec = cfg["recovery"]
     if not rec["s3_prefix"] or rec["tarballs"] == 0:
@@ -55,15 +48,15 @@ async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searche
             else:
                 manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec)
             for m in await db.manifest_extracted(manifest_id):
-                out.append(Candidate(f"{url}#{m['path']}", "s3", member_rel(m["path"]), m["size"], m["sha256"],
+                out.append(Candidate(f"{url}#{m['path']}", "s3", m["norm_path"], m["size"], m["sha256"],
                                      handle=Path(m["staging_path"])))
     return out
 
 
 async def _manifest_answers(db: Database, manifest_id: int, wanted: Wanted, staging_root: Path) -> bool:
     """Whether a complete manifest can stand in for reading the tarball again."""
-    for path, extracted in (await db.manifest_paths(manifest_id)).items():
-        if wanted(member_rel(path), None) and not extracted:
+    for path, size, extracted in await db.manifest_paths(manifest_id):
+        if wanted(path, size) and not extracted:
             return False  # a member this run wants was not kept last time
     return all(Path(m["staging_path"]).is_file() for m in await db.manifest_extracted(manifest_id))
 
@@ -77,16 +70,16 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
     flushes: list[Any] = []
 
     def on_member(m: Any) -> None:
-        pending.append((manifest_id, m.index, m.path, m.size, m.type, m.skipped,
+        pending.append((manifest_id, m.index, m.path, tarscan.normalise_member_path(m.path), m.size, m.type, m.skipped,
                         m.extracted.sha256 if m.extracted else None,
                         str(m.extracted.staging_path) if m.extracted else None))
-        if m.skipped and wanted(member_rel(m.path), m.size):
+        if m.skipped and wanted(tarscan.normalise_member_path(m.path), m.size):
             log.warning("tarball.member_skipped", tarball=url, member=m.path, reason=m.skipped)
 
     log.info("tarball.scan_start", tarball=url, size=obj.size)
     result = await tarscan.scan(
         _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"]), pending, db, flushes),
-        lambda path: wanted(member_rel(path), None), staging,
+        wanted, staging,
         max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"], on_member=on_member)
     await db.manifest_add_members(pending)
     pending.clear()

@@ -5,13 +5,15 @@ platform's tables and a realistic population of 4,302 paper_figure rows; a local
 repository (`artifacts/`) with the 15 figures that survived; certificates for the simulated
 upstream hosts (`tls/`); and the reports (`reports/`). Each run starts the simulator of Europe
 PMC, PMC and the publisher CDNs on loopback over TLS, reached through `http.connect_to` under
-the real host names, runs the figure job with budgets scaled by `demo.rate_scale`, and prints
-the report. Running it again resumes the same sandbox; `--fresh` starts over.
+the real host names, runs the figure job with budgets scaled by `demo.rate_scale`, then the
+recovery job over the checkout, its history, three worktrees (`worktrees/`) and three tarballs
+in a local S3 (moto on loopback), and prints both reports. Running it again resumes the same sandbox; `--fresh` starts over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import shutil
 import sys
@@ -26,9 +28,12 @@ from crawler.config import Config, ConfigError
 from crawler.git import GitError, GitRepo, init_repo
 from crawler.sandbox import pg
 from crawler.sandbox.population import FigureScene, build_figure_scene
+from crawler.sandbox.recovery_scene import RecoveryScene, build_recovery_scene, lay_out
+from crawler.sandbox.s3local import LocalS3
 from crawler.sandbox.simulator import UpstreamSimulator, make_tls
 
 DATABASE = "scidex"
+BUCKET = "scidex"
 
 
 def main(cfg: Config, fresh: bool = False, verbose: bool = False) -> int:
@@ -74,20 +79,39 @@ async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool) -> int:
     tls, ca_file = make_tls(home / "tls", scene.hosts)
     async with UpstreamSimulator(scene.routes, ssl_context=tls) as sim:
         cfg = _sandbox_config(base, home, dsn, root, sim.port, ca_file, scene.hosts)
-        db = await engine.open_database(cfg)
-        try:
+        status, summary = await _run(cfg, "figures", verbose)
+    _print_report(cfg, summary)
+    if status != engine.EXIT_OK:
+        return status
+    rscene = build_recovery_scene(base["demo"]["seed"])
+    await _populate_recovery(dsn, root, home, rscene)
+    with LocalS3() as s3:
+        s3.upload(BUCKET, [(t.key, t.build()) for t in rscene.tarballs])
+        rcfg = _recovery_config(cfg, home, root, s3.endpoint_url)
+        status, summary = await _run(rcfg, "recover", verbose)
+    _print_report(rcfg, summary)
+    print(f"\nagain: `make demo` resumes this sandbox; `make demo ARGS=--fresh` starts over.", file=sys.stderr)
+    return status
+
+
+async def _run(cfg: Config, command: str, verbose: bool) -> tuple[int, dict[str, Any]]:
+    db = await engine.open_database(cfg)
+    try:
+        if command == "figures":
             from pipelines.figures import FigureJob, FigureOptions
-            status, summary = await engine.run_job(
-                cfg, db, "figures", lambda rid: FigureJob(cfg, db, rid, FigureOptions()), verbose=verbose)
-        finally:
-            await db.close()
+            return await engine.run_job(cfg, db, command, lambda rid: FigureJob(cfg, db, rid, FigureOptions()),
+                                        verbose=verbose)
+        from pipelines.recover import RecoverJob, RecoverOptions
+        return await engine.run_job(cfg, db, command, lambda rid: RecoverJob(cfg, db, rid, RecoverOptions()),
+                                    verbose=verbose)
+    finally:
+        await db.close()
+
+
+def _print_report(cfg: Config, summary: dict[str, Any]) -> None:
     folder = report.run_dir(Path(cfg["report"]["dir"]), summary["run_id"])
     print((folder / "summary.md").read_text(), end="")
-    print(f"\nreport: {folder}\nrecover: the recovery job is not built yet (issue 3); the demo runs the figure job only.",
-          file=sys.stderr)
-    print(f"again: `make demo` resumes this sandbox; `make demo ARGS=--fresh` starts over; "
-          f"CRAWLER_DSN='{dsn}' python -m crawler report --config ...", file=sys.stderr)
-    return status
+    print(f"\nreport: {folder}\n", file=sys.stderr)
 
 
 async def _database(admin_dsn: str) -> str:
@@ -126,6 +150,34 @@ async def _populate(dsn: str, root: Path, scene: FigureScene) -> None:
                      for r in scene.rows])
     finally:
         await conn.close()
+
+
+async def _populate_recovery(dsn: str, root: Path, home: Path, scene: RecoveryScene) -> None:
+    """The 145 lost rows and their scattered files, once."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        if await conn.fetchval("select count(*) from artifacts where artifact_type <> 'paper_figure'"):
+            return
+        await lay_out(scene, root, home / "worktrees")
+        await conn.copy_records_to_table(
+            "artifacts", columns=["id", "artifact_type", "title", "file_path", "metadata"],
+            records=[(r["id"], r["artifact_type"], r["title"], r["file_path"], json.dumps(r["metadata"]))
+                     for r in scene.rows])
+        await conn.copy_records_to_table(
+            "artifact_references", columns=["artifact_id", "source_kind", "source_id", "referenced_at"],
+            records=scene.references)
+    finally:
+        await conn.close()
+
+
+def _recovery_config(cfg: Config, home: Path, root: Path, endpoint_url: str) -> Config:
+    tree = copy.deepcopy(cfg.raw)
+    tree["recovery"].update({
+        "checkout": str(root), "worktrees": [str(home / "worktrees" / "*" / "data" / "scidex-artifacts")],
+        "s3_prefix": f"s3://{BUCKET}/backups/scidex-host/", "staging_dir": str(home / "staging"),
+        "ram_only_creators": ["forge.session"]})
+    tree["s3"]["endpoint_url"] = endpoint_url
+    return config_mod.from_tree(tree, origin="demo sandbox")
 
 
 def _sandbox_config(base: Config, home: Path, dsn: str, root: Path, port: int, ca_file: Path,

@@ -138,13 +138,18 @@ MANIFEST_CLOSE = """
 update {schema}.tarball_manifests set complete = true, error = $2, members = $3, scanned_at = now()
 where id = $1"""
 
-MEMBERS_COLUMNS = ("manifest_id", "idx", "path", "size", "type", "skipped", "sha256", "staging_path")
+MEMBERS_COLUMNS = ("manifest_id", "idx", "path", "norm_path", "size", "type", "skipped", "sha256", "staging_path")
 
 # Extracted members of a manifest; a later duplicate of a path wins, as in tar.
 MEMBERS_EXTRACTED = """
-select distinct on (path) path, size, sha256, staging_path
+select distinct on (norm_path) path, norm_path, size, sha256, staging_path
 from {schema}.tarball_members
 where manifest_id = $1 and sha256 is not null
-order by path, idx desc"""
+order by norm_path, idx desc"""
 
-MEMBER_PATHS = "select path, sha256 is not null as extracted from {schema}.tarball_members where manifest_id = $1"
+# Members a later run may want: regular files that were neither extracted nor refused.
+MEMBER_PATHS = """
+select norm_path as path, size, bool_or(sha256 is not null) as extracted
+from {schema}.tarball_members
+where manifest_id = $1 and type = 'file' and (skipped is null or sha256 is not null)
+group by norm_path, size"""

@@ -17,6 +17,7 @@ create table if not exists {schema}.tarball_members (
   manifest_id  bigint not null references {schema}.tarball_manifests (id) on delete cascade,
   idx          bigint not null,                     -- order in the tarball
   path         text not null,                       -- as in the header: never used as an output path
+  norm_path    text not null,                       -- "./a//b" → "a/b": how rows and duplicates see it
   size         bigint not null,
   type         text not null,                       -- file, dir, symlink, hardlink, device, fifo, other
   skipped      text,                                -- why it was not extracted, when it matched

@@ -1,0 +1,91 @@
+"""The whole recovery scene (145 rows) against a real S3 API (moto on loopback), PostgreSQL and git."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crawler.sandbox.recovery_scene import Tarball, build_recovery_scene, lay_out
+from crawler.sandbox.s3local import LocalS3
+from tests.harness import commits_by_tool, insert_artifacts, read_csv, recover_config, rows_by_id, run_recover
+
+BUCKET = "scidex"
+PREFIX = "backups/scidex-host/"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LocalS3() as server:
+        yield server
+
+
+def scene_config(dsn: str, repo: Path, tmp: Path, s3: LocalS3, prefix: str):
+    cfg = recover_config(dsn, repo, tmp, s3_prefix=f"s3://{BUCKET}/{prefix}", ram_only_creators=["forge.session"])
+    cfg.raw["s3"]["endpoint_url"] = s3.endpoint_url
+    return cfg
+
+
+async def test_the_scene_ends_as_an_honest_run_should(dsn, repo, tmp_path, s3):
+    scene = build_recovery_scene()
+    await lay_out(scene, repo, tmp_path / "wt")
+    await insert_artifacts(dsn, [(r["id"], r["artifact_type"], r["metadata"], None) for r in scene.rows])
+    conn = await asyncpg.connect(dsn)
+    await conn.executemany("insert into artifact_references values ($1, $2, $3, $4)", scene.references)
+    await conn.close()
+    s3.upload(BUCKET, [(f"scene1/{t.key.rsplit('/', 1)[1]}", t.build()) for t in scene.tarballs])
+    cfg = scene_config(dsn, repo, tmp_path, s3, "scene1/")
+    _, summary = await run_recover(cfg)
+    folder = Path(cfg["report"]["dir"]) / summary["run_id"]
+    status = {}
+    for t in ("dataset", "model", "tabular_dataset"):
+        status.update({r["artifact_id"]: r["status"] for r in read_csv(folder / f"inventory_{t}.csv")})
+    wrong = {rid: (status[rid], want) for rid, want in scene.expected.items() if status[rid] != want}
+    assert wrong == {}
+    # only the two newest tarballs were read: two manifests, none for the oldest
+    conn = await asyncpg.connect(dsn)
+    manifests = await conn.fetch("select s3_url, complete, error, members from artifact_recovery.tarball_manifests")
+    skipped = await conn.fetch("select path, skipped from artifact_recovery.tarball_members where skipped is not null")
+    await conn.close()
+    assert sorted(m["s3_url"].rsplit("-", 1)[1] for m in manifests) == ["20260308T020000.tar.gz", "20260315T020000.tar.gz"]
+    assert all(m["complete"] and m["error"] is None for m in manifests)
+    assert {r["path"] for r in skipped} >= {"../../etc/cron.d/evil", "/etc/passwd"}
+    assert not (tmp_path / "etc").exists() and not Path("/etc/cron.d/evil").exists()
+    # the residual names what was expected and where it was looked for
+    residual = {r["artifact_id"]: r["failure_mode"] for r in read_csv(folder / "residual.csv")}
+    assert len(residual) == sum(1 for v in scene.expected.values() if v != "bound")
+    lost = [r for r in scene.references if r[0] in residual]
+    assert lost and all(f"last referenced {day:%Y-%m-%d} in analysis {sid}" in residual[rid] for rid, _, sid, day in lost)
+    assert all("2 tarballs" in text for rid, text in residual.items() if scene.expected[rid] == "missing")
+
+    # a second run re-reads no tarball and binds nothing twice
+    commits = len(commits_by_tool(repo))
+    before = await rows_by_id(dsn)
+    _, again = await run_recover(cfg)
+    log = (Path(cfg["report"]["dir"]) / again["run_id"] / "log.jsonl").read_text()
+    assert '"event":"tarball.scan_start"' not in log and log.count('"event":"tarball.from_manifest"') == 2
+    assert len(commits_by_tool(repo)) == commits and await rows_by_id(dsn) == before
+    assert again["per_type"] == summary["per_type"]
+
+
+async def test_a_truncated_tarball_is_reported_and_the_run_goes_on(dsn, repo, tmp_path, s3):
+    good = Tarball("x", {"./datasets/ok.csv": b"a,b\n1,2\n"})
+    first_part = Tarball("y", {"./datasets/early.csv": b"e\n1\n", "./datasets/late.csv": b"l\n" * 50000}).build()
+    s3.upload(BUCKET, [("trunc/b-20260301.tar.gz", good.build()),
+                       ("trunc/b-20260302.tar.gz", first_part[: len(first_part) * 2 // 3])])
+    await insert_artifacts(dsn, [
+        ("d-ok", "dataset", {"expected_path": "datasets/ok.csv"}, None),
+        ("d-early", "dataset", {"expected_path": "datasets/early.csv"}, None),
+        ("d-late", "dataset", {"expected_path": "datasets/late.csv"}, None),
+    ])
+    cfg = scene_config(dsn, repo, tmp_path, s3, "trunc/")
+    code, summary = await run_recover(cfg)
+    assert code == 0
+    rows = await rows_by_id(dsn)
+    assert rows["d-ok"]["file_path"] == "datasets/ok.csv" and rows["d-early"]["file_path"] == "datasets/early.csv"
+    assert rows["d-late"]["file_path"] is None
+    log = (Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl").read_text()
+    damaged = [json.loads(line) for line in log.splitlines() if '"tarball.damaged"' in line]
+    assert len(damaged) == 1 and damaged[0]["tarball"].endswith("b-20260302.tar.gz")
