@@ -78,11 +78,17 @@ class Committer:
             # Woken by a full batch: commit full batches only; the rest waits for the interval.
             await self.commit_pending(full_only=not timed_out and not self._closing)
 
-    async def commit_pending(self, full_only: bool = False) -> None:
+    async def commit_pending(self, full_only: bool = False, everything: bool = False) -> None:
+        """Commit what is waiting now: full batches only, or all of it. Files that arrive while
+        committing wait for their own batch or the next interval (unless `everything`)."""
         async with self._lock:
-            while self._pending and (not full_only or len(self._pending) >= self._batch):
+            waiting = len(self._pending)
+            while self._pending and (everything or waiting > 0):
+                if full_only and len(self._pending) < self._batch:
+                    break
                 batch = self._pending[: self._batch]
                 del self._pending[: len(batch)]
+                waiting -= len(batch)
                 await self._commit(batch)
 
     async def _commit(self, batch: list[PlacedFile]) -> None:
@@ -111,4 +117,4 @@ class Committer:
         if self._task is not None:
             await self._task
             self._task = None
-        await self.commit_pending()
+        await self.commit_pending(everything=True)

@@ -74,6 +74,7 @@ class RecoverJob:
         self._stopping = False
         self.searched: dict[str, Any] = {"worktrees": 0, "tarballs": 0, "history": False}
         self.planned: list[dict[str, Any]] = []
+        self.phase = "starting"
 
     def stop(self) -> None:
         self._stopping = True
@@ -84,12 +85,28 @@ class RecoverJob:
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         if not self.opts.plan:
             await self.repo.check()
+        ticker = asyncio.create_task(self._progress(), name="progress")
+        try:
+            return await self._run()
+        finally:
+            ticker.cancel()
+
+    async def _progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg["report"]["progress_interval_s"])
+            log.info("progress", phase=self.phase, **{k: v for k, v in self.searched.items()})
+
+    async def _run(self) -> dict[str, Any]:
+        self.phase = "loading rows"
         states = await self._load()
+        self.phase = "searching"
         todo = [s for s in states.values() if s.expectation is not None and s.decision is None]
         candidates = await self._search([s.expectation for s in todo if s.expectation])
         if self._stopping:
             return {"interrupted": True, **self._summary(states)}
+        self.phase = "hashing candidates"
         await self._hash(candidates)
+        self.phase = "deciding and binding"
         decisions = ev.decide_all([s.expectation for s in todo if s.expectation], candidates)
         for s in todo:
             assert s.expectation is not None

@@ -46,7 +46,8 @@ async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searche
                 log.info("tarball.from_manifest", tarball=url, members=manifest["members"], error=manifest["error"])
                 manifest_id = manifest["id"]
             else:
-                manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec)
+                manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec,
+                                          searched)
             for m in await db.manifest_extracted(manifest_id):
                 out.append(Candidate(f"{url}#{m['path']}", "s3", m["norm_path"], m["size"], m["sha256"],
                                      handle=Path(m["staging_path"])))
@@ -62,12 +63,11 @@ async def _manifest_answers(db: Database, manifest_id: int, wanted: Wanted, stag
 
 
 async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, url: str, run_id: str,
-                wanted: Wanted, staging_root: Path, rec: dict[str, Any]) -> int:
+                wanted: Wanted, staging_root: Path, rec: dict[str, Any], searched: dict[str, Any]) -> int:
     manifest_id = await db.manifest_open(url, obj.etag, obj.size, run_id)
     staging = staging_root / str(manifest_id)
     staging.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Any, ...]] = []
-    flushes: list[Any] = []
 
     def on_member(m: Any) -> None:
         pending.append((manifest_id, m.index, m.path, tarscan.normalise_member_path(m.path), m.size, m.type, m.skipped,
@@ -77,12 +77,15 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
             log.warning("tarball.member_skipped", tarball=url, member=m.path, reason=m.skipped)
 
     log.info("tarball.scan_start", tarball=url, size=obj.size)
+    progress = {"tarball": url, "tarball_size": obj.size, "tarball_bytes_read": 0}
+    searched["reading"] = progress
     result = await tarscan.scan(
-        _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"]), pending, db, flushes),
+        _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"], etag=obj.etag), pending, db, progress),
         wanted, staging,
         max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"], on_member=on_member)
     await db.manifest_add_members(pending)
     pending.clear()
+    searched.pop("reading", None)
     if result.error:
         log.error("tarball.damaged", tarball=url, error=result.error, members=result.members)
     await db.manifest_close(manifest_id, result.error, result.members)
@@ -91,9 +94,10 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
     return manifest_id
 
 
-async def _flushing(chunks: Any, pending: list[tuple[Any, ...]], db: Database, flushes: list[Any]) -> Any:
+async def _flushing(chunks: Any, pending: list[tuple[Any, ...]], db: Database, progress: dict[str, Any]) -> Any:
     """Pass the stream through, writing manifest rows between chunks so memory stays flat."""
     async for chunk in chunks:
+        progress["tarball_bytes_read"] += len(chunk)
         if len(pending) >= MANIFEST_BATCH:
             batch = pending[:]
             pending.clear()

@@ -89,3 +89,32 @@ async def test_a_truncated_tarball_is_reported_and_the_run_goes_on(dsn, repo, tm
     log = (Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl").read_text()
     damaged = [json.loads(line) for line in log.splitlines() if '"tarball.damaged"' in line]
     assert len(damaged) == 1 and damaged[0]["tarball"].endswith("b-20260302.tar.gz")
+
+
+async def test_an_interrupted_scan_starts_that_tarball_over_cleanly(dsn, repo, tmp_path, s3):
+    tarball = Tarball("x", {f"./datasets/f{i}.csv": b"v,%d\n" % i for i in range(5)})
+    s3.upload(BUCKET, [("cut/c-20260301.tar.gz", tarball.build())])
+    await insert_artifacts(dsn, [("d-f3", "dataset", {"expected_path": "datasets/f3.csv"}, None)])
+    cfg = scene_config(dsn, repo, tmp_path, s3, "cut/")
+    cfg.raw["recovery"]["git_history"] = False
+    # a run killed mid-scan leaves an incomplete manifest with some of the members
+    db = await asyncpg.connect(dsn)
+    await db.execute("create schema if not exists artifact_recovery")
+    await db.close()
+    from crawler import engine
+    handle = await engine.open_database(cfg)
+    url = f"s3://{BUCKET}/cut/c-20260301.tar.gz"
+    import hashlib
+    body = tarball.build()
+    etag = hashlib.md5(body).hexdigest()
+    manifest_id = await handle.manifest_open(url, etag, len(body), "killed-run")
+    await handle.manifest_add_members([(manifest_id, 0, "./datasets/f0.csv", "datasets/f0.csv", 5, "file", None, None, None)])
+    await handle.close()
+
+    _, summary = await run_recover(cfg)
+    assert summary["per_type"]["dataset"]["bound"] == 1
+    conn = await asyncpg.connect(dsn)
+    manifest = await conn.fetchrow("select id, complete, members from artifact_recovery.tarball_manifests")
+    members = await conn.fetchval("select count(*) from artifact_recovery.tarball_members")
+    await conn.close()
+    assert manifest["id"] == manifest_id and manifest["complete"] and manifest["members"] == members == 5
