@@ -8,7 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from crawler.sandbox import pg
@@ -28,20 +27,7 @@ def pg_admin_dsn() -> str:
 @pytest.fixture
 async def dsn(pg_admin_dsn: str) -> str:
     """A new, empty database holding the host platform's tables."""
-    name = f"t_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f'drop database if exists "{name}"')
-        await admin.execute(f'create database "{name}"')
-    finally:
-        await admin.close()
-    url = pg.with_database(pg_admin_dsn, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(pg.HOST_TABLES)
-    finally:
-        await conn.close()
-    return url
+    return await pg.ensure_database(pg_admin_dsn, f"t_{os.getpid()}_{next(_counter)}", fresh=True)
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def _stop_server(pgdata: Path) -> None:
 async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool) -> int:
     scene = build_figure_scene(base["demo"]["figure_rows"], base["demo"]["figure_rows_with_files"],
                                base["demo"]["seed"])
-    dsn = await _database(admin_dsn)
+    dsn = await pg.ensure_database(admin_dsn, DATABASE)
     root = home / "artifacts"
     await _populate(dsn, root, scene)
     tls, ca_file = make_tls(home / "tls", scene.hosts)
@@ -112,22 +112,6 @@ def _print_report(cfg: Config, summary: dict[str, Any]) -> None:
     folder = report.run_dir(Path(cfg["report"]["dir"]), summary["run_id"])
     print((folder / "summary.md").read_text(), end="")
     print(f"\nreport: {folder}\n", file=sys.stderr)
-
-
-async def _database(admin_dsn: str) -> str:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        if not await conn.fetchval("select 1 from pg_database where datname = $1", DATABASE):
-            await conn.execute(f'create database "{DATABASE}"')
-    finally:
-        await conn.close()
-    dsn = pg.with_database(admin_dsn, DATABASE)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(pg.HOST_TABLES)
-    finally:
-        await conn.close()
-    return dsn
 
 
 async def _populate(dsn: str, root: Path, scene: FigureScene) -> None:

@@ -44,3 +44,25 @@ def with_database(dsn: str, name: str) -> str:
     authority, _, tail = rest.partition("/")
     _, q, query = tail.partition("?")
     return f"{scheme}://{authority}/{name}{q}{query}"
+
+
+async def ensure_database(admin_dsn: str, name: str, fresh: bool = False) -> str:
+    """Database `name` on the server (created if absent, recreated if `fresh`) holding the host
+    platform's tables; returns its DSN."""
+    import asyncpg
+
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        if fresh:
+            await admin.execute(f'drop database if exists "{name}"')
+        if not await admin.fetchval("select 1 from pg_database where datname = $1", name):
+            await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()
+    dsn = with_database(admin_dsn, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(HOST_TABLES)
+    finally:
+        await conn.close()
+    return dsn
