@@ -1,15 +1,17 @@
 """Politeness budgets: one per provider, a hard ceiling on request starts and on open requests.
 
-A `Budget` admits a request when three things hold, checked in this order every time:
-1. fewer than `max_inflight` requests under it are open (a semaphore, held until the response ends);
-2. no pause is in force (Retry-After, 429 back-off, a tripped breaker);
-3. its start slot has come: starts are spaced `1/rate_per_s + rate_guard_s` apart, so no burst at
-   start and no one-second window ever holds more than `rate_per_s` starts, even after the jitter
-   between our clock and the server's. (aiolimiter with capacity 1 and period 1/rate is exactly
-   this spacing; its default capacity of `max_rate` would let a burst through at once.)
-The pause is checked again after the slot is granted, because a 429 may have arrived while we
-waited; a slot granted before a pause is thrown away, never spent after it, so requests waiting
-out a pause do not all start together when it ends.
+A `Budget` admits a request in two steps:
+1. `request()`: one of `max_inflight` slots (held until the response ends), after any pause in
+   force (Retry-After, 429 back-off, a tripped breaker). A pause longer than `max_wait_s` is not
+   waited out: `BudgetPaused` is raised and the row is left for a later run.
+2. `start()`, called by `BudgetedConnector` once the connection is ready, just before the request
+   is written: the start slot. Starts are spaced `1/rate + rate_guard_s` apart (1/floor(rate)
+   for a fractional rate above 1), so no one-second window at the server ever holds more than
+   `rate_per_s` starts, whatever TCP or TLS set-up cost, and there is no burst at start.
+   (aiolimiter with capacity 1 and period = the spacing is exactly this; its default capacity of
+   `max_rate` would let a burst through.) The pause is checked again after the slot is granted,
+   because a 429 may have arrived while we waited; a slot granted before a pause is thrown away,
+   so requests waiting out a pause do not all start together when it ends.
 
 `Budgets` maps a host name to its budget: the first budget whose pattern (exact name or `*.suffix`)
 matches wins; an unmatched host gets a budget of its own with the `default` numbers. All times
@@ -20,12 +22,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 from aiolimiter import AsyncLimiter
 
 from .config import BudgetSpec
+
+
+class BudgetPaused(Exception):
+    """The budget is paused for longer than a run should wait; the row is left for later."""
+
+    def __init__(self, budget: str, seconds: float) -> None:
+        super().__init__(f"budget {budget} paused for {seconds:.0f} s more")
+        self.seconds = seconds
+
+
+# The budget whose start slot the next connection of this task must take (see BudgetedConnector).
+_STARTING: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("crawler_budget", default=None)
+
+
+def spacing_s(rate_per_s: float, guard_s: float) -> float:
+    """Seconds between starts so that no one-second window holds more than rate_per_s starts."""
+    whole = rate_per_s if rate_per_s <= 1 or rate_per_s == int(rate_per_s) else math.floor(rate_per_s)
+    return 1.0 / whole + guard_s
 
 
 @dataclass
@@ -39,11 +63,12 @@ class BudgetStats:
 class Budget:
     def __init__(self, name: str, max_inflight: int, rate_per_s: float, guard_s: float,
                  on_pause: Callable[[Budget, float, str], None] | None = None,
-                 on_resume: Callable[[Budget], None] | None = None) -> None:
+                 on_resume: Callable[[Budget], None] | None = None, max_wait_s: float = math.inf) -> None:
         self.name = name
         self.max_inflight = max_inflight
         self.rate_per_s = rate_per_s
-        self.spacing_s = 1.0 / rate_per_s + guard_s
+        self.max_wait_s = max_wait_s
+        self.spacing_s = spacing_s(rate_per_s, guard_s)
         self._limiter = AsyncLimiter(1, self.spacing_s)
         self._slots = asyncio.Semaphore(max_inflight)
         self._paused_until = 0.0
@@ -79,27 +104,51 @@ class Budget:
 
     async def _wait_pause(self) -> None:
         while (left := self._paused_until - self._now()) > 0:
+            if left > self.max_wait_s:
+                raise BudgetPaused(self.name, left)
             await asyncio.sleep(left)
 
     @contextlib.asynccontextmanager
     async def request(self) -> AsyncIterator[None]:
-        """Hold one in-flight slot and one start slot for the duration of a request."""
+        """Hold one in-flight slot for a request; its start slot is taken by the connector."""
+        await self._wait_pause()
         async with self._slots:
-            while True:
-                await self._wait_pause()
-                await self._limiter.acquire()
-                if self._paused_until <= self._now():
-                    break
-            if self._pause_reported:  # the first start after a pause says the budget is moving again
-                self._pause_reported = False
-                if self._on_resume is not None:
-                    self._on_resume(self)
-            self.stats.started += 1
             self.stats.inflight += 1
+            token = _STARTING.set(self)
             try:
                 yield
             finally:
+                _STARTING.reset(token)
                 self.stats.inflight -= 1
+
+    async def start(self) -> None:
+        """Wait for this request's start slot (and any pause); called as the request goes out."""
+        while True:
+            await self._wait_pause()
+            await self._limiter.acquire()
+            if self._paused_until <= self._now():
+                break
+        self.stats.started += 1
+        if self._pause_reported:  # the first start after a pause says the budget is moving again
+            self._pause_reported = False
+            if self._on_resume is not None:
+                self._on_resume(self)
+
+
+class BudgetedConnector(aiohttp.TCPConnector):
+    """Takes the request's start slot once its connection is ready, so set-up time cannot move two
+    starts closer together than the budget allows (aiohttp writes the request right after)."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        budget = _STARTING.get()
+        if budget is not None:
+            try:
+                await budget.start()
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -114,6 +163,7 @@ class Budgets:
     guard_s: float
     on_pause: Callable[[Budget, float, str], None] | None = None
     on_resume: Callable[[Budget], None] | None = None
+    max_wait_s: float = math.inf
     _named: dict[str, Budget] = field(default_factory=dict)
 
     def name_for(self, host: str) -> str:
@@ -130,7 +180,8 @@ class Budgets:
         if budget is None:
             spec_name = "default" if name.startswith("default:") else name
             spec = next(s for s in self.specs if s.name == spec_name)
-            budget = Budget(name, spec.max_inflight, spec.rate_per_s, self.guard_s, self.on_pause, self.on_resume)
+            budget = Budget(name, spec.max_inflight, spec.rate_per_s, self.guard_s, self.on_pause, self.on_resume,
+                            self.max_wait_s)
             self._named[name] = budget
         return budget
 

@@ -107,7 +107,10 @@ class Committer:
         log.info("batch.committed", commit=commit, files=len(paths))
         for placed in batch:
             self._sink.record(self._stamp(placed, commit))
-        await self._sink.flush()
+        try:
+            await self._sink.flush()
+        except Exception as exc:  # the stamps stay buffered in the sink, which keeps trying
+            log.error("batch.stamp_delayed", files=len(batch), error=str(exc))
 
     async def close(self) -> None:
         # Stop the loop between batches, never inside one: a batch cut off mid-write would

@@ -19,6 +19,15 @@ import asyncpg
 from .sql import queries as Q
 
 
+def to_json(value: Any) -> str:
+    """JSON text PostgreSQL accepts: lone surrogates (undecodable file names) become "?"."""
+    return json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
+
+
+# A row's values the database refuses (a cast out of range, bad JSON text): that row's problem.
+DataError = asyncpg.DataError
+
+
 class DatabaseError(Exception):
     """The database cannot be reached or used; str() is one line for the operator."""
 
@@ -139,9 +148,9 @@ class Database:
             cols[0].append(c.artifact_id)
             cols[1].append(c.outcome)
             cols[2].append(c.file_path)
-            cols[3].append(json.dumps(c.patch))
+            cols[3].append(to_json(c.patch))
             cols[4].append(c.bump_key)
-            cols[5].append(json.dumps(c.detail or {}))
+            cols[5].append(to_json(c.detail or {}))
         async with self._pool.acquire() as conn, conn.transaction():
             written = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
         return len(written)

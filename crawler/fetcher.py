@@ -30,7 +30,7 @@ import structlog
 from yarl import URL
 
 from . import media
-from .budgets import Budget, Budgets
+from .budgets import Budget, BudgetedConnector, BudgetPaused, Budgets
 from .files import TempFile
 from .netguard import BlockedAddress, GuardedResolver
 
@@ -99,11 +99,12 @@ def make_session(http: dict[str, Any], resolver: GuardedResolver) -> aiohttp.Cli
     if http["ca_file"]:
         ssl_ctx = ssl.create_default_context()
         ssl_ctx.load_verify_locations(http["ca_file"])
-    connector = aiohttp.TCPConnector(resolver=resolver, limit=0, use_dns_cache=False, ssl=ssl_ctx)
+    connector = BudgetedConnector(resolver=resolver, limit=0, use_dns_cache=False, ssl=ssl_ctx)
     timeout = aiohttp.ClientTimeout(total=http["timeout_s"], sock_connect=http["connect_timeout_s"])
     session = aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False,
-        headers={"User-Agent": http["user_agent"].format(contact=http["contact"])})
+        # identity: we store bytes as served and hash them; a compressed body would be stored compressed
+        headers={"User-Agent": http["user_agent"].format(contact=http["contact"]), "Accept-Encoding": "identity"})
     # aiohttp re-sends an idempotent request once after a reset on a kept-alive connection; that
     # request would start outside its budget, so switch it off (and fail loudly if it moves).
     if not hasattr(session, "_retry_connection"):
@@ -219,27 +220,30 @@ class Fetcher:
         budget = self.budgets.for_host(url.host or "")
         for attempt in range(self.http["max_retries"] + 1):
             own_wait = 0.0
-            async with budget.request():
-                state.requests += 1
-                try:
-                    async with self.session.request(method, url, allow_redirects=False) as resp:
-                        self._breaker(budget, resp.status)
-                        if resp.status in REDIRECTS and resp.headers.get("Location"):
-                            try:
-                                return url.join(URL(resp.headers["Location"]))
-                            except ValueError:
-                                raise _Done(FetchResult("failed", str(url), "bad_redirect", resp.status)) from None
-                        if resp.status not in RETRYABLE:
-                            return None, await on_final(resp, url)
-                        own_wait = self._retry_wait(budget, resp, attempt, url)
-                except _Done:
-                    raise
-                except Exception as exc:
-                    raise _Done(self._network_outcome(exc, url)) from None
+            try:
+                async with budget.request():
+                    state.requests += 1
+                    try:
+                        async with self.session.request(method, url, allow_redirects=False) as resp:
+                            self._breaker(budget, resp.status)
+                            if resp.status in REDIRECTS and resp.headers.get("Location"):
+                                try:
+                                    return url.join(URL(resp.headers["Location"]))
+                                except ValueError:
+                                    raise _Done(FetchResult("failed", str(url), "bad_redirect", resp.status)) from None
+                            if resp.status not in RETRYABLE:
+                                return None, await on_final(resp, url)
+                            own_wait = self._retry_wait(budget, resp, attempt, url)
+                    except (_Done, BudgetPaused):
+                        raise
+                    except Exception as exc:
+                        raise _Done(self._network_outcome(exc, url)) from None
+            except BudgetPaused as paused:
+                # The row is not tried: its budget rests longer than a run waits. Left as it was.
+                raise _Done(FetchResult("deferred", str(url), "budget_paused", retry_in_s=paused.seconds)) from None
             if own_wait > 0:
                 await asyncio.sleep(own_wait)
-        status = resp.status
-        raise _Done(FetchResult("transient", str(url), f"http_{status}", status))
+        raise AssertionError("unreachable: the last retry raises from _retry_wait")
 
     def _retry_wait(self, budget: Budget, resp: aiohttp.ClientResponse, attempt: int, url: URL) -> float:
         """Pause the budget or pick this URL's own wait for a 429/503; raise when retrying is over."""
@@ -249,13 +253,15 @@ class Fetcher:
         if delay is None:
             cap = min(self.http["backoff_max_s"], self.http["backoff_base_s"] * 2 ** attempt)
             delay = self.rng.uniform(0, cap)
-        if delay > self.http["max_wait_s"]:
-            raise _Done(FetchResult("transient", str(url), f"http_{resp.status}", resp.status, retry_in_s=delay))
         if named or resp.status == 429:
+            # The whole budget waits, even when this row gives up: no request under it starts
+            # before the time the server named (CONTRACT §3).
             budget.pause_until(loop_now + delay, f"http_{resp.status}")
             own = 0.0
         else:
             own = delay
+        if delay > self.http["max_wait_s"]:
+            raise _Done(FetchResult("transient", str(url), f"http_{resp.status}", resp.status, retry_in_s=delay))
         if attempt >= self.http["max_retries"]:
             raise _Done(FetchResult("transient", str(url), f"http_{resp.status}", resp.status,
                                     retry_in_s=delay if named else None))

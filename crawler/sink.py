@@ -23,6 +23,12 @@ from .db import Change, Database
 log = structlog.get_logger()
 
 
+def asyncpg_errors() -> tuple[type[BaseException], ...]:
+    """Errors that belong to the data, not the connection (a lost connection is retried whole)."""
+    from .db import DataError
+    return (DataError,)
+
+
 def iso(dt: datetime) -> str:
     """ISO-8601 UTC with a Z, second precision: sorts as text, as the queue query relies on."""
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -108,6 +114,7 @@ class Sink:
         self._closing = False
         self._on_written = on_written
         self.written = 0
+        self.refused: list[str] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sink")
@@ -133,11 +140,27 @@ class Sink:
         async with self._lock:
             while self._buffer:
                 batch = self._buffer[: self._flush_rows]
-                await self._db.apply_changes(self._run_id, batch)
+                try:
+                    await self._db.apply_changes(self._run_id, batch)
+                except asyncpg_errors() as exc:
+                    # One row the database refuses must not hold back every outcome behind it:
+                    # write the batch row by row and set aside only the row that fails.
+                    log.error("sink.batch_failed", rows=len(batch), error=str(exc))
+                    batch = await self._one_by_one(batch)
                 del self._buffer[: len(batch)]
                 self.written += len(batch)
                 if self._on_written is not None:
                     self._on_written(batch)
+
+    async def _one_by_one(self, batch: list[Change]) -> list[Change]:
+        for change in batch:
+            try:
+                await self._db.apply_changes(self._run_id, [change])
+            except asyncpg_errors() as exc:
+                self.refused.append(change.artifact_id)
+                log.error("row.write_refused", artifact_id=change.artifact_id, outcome=change.outcome,
+                          error=str(exc), note="left as it was; the next run takes it again")
+        return batch
 
     @property
     def pending(self) -> int:

@@ -79,7 +79,7 @@ class FigureJob:
         self.tally = Tally()
         self.resolve_path = paths.load_resolver(cfg["artifacts"]["figure_path"], cfg["artifacts"]["path_resolver"])
         self.budgets = Budgets(cfg.budgets, self.http["rate_guard_s"], on_pause=self._on_pause,
-                               on_resume=self._on_resume)
+                               on_resume=self._on_resume, max_wait_s=self.http["max_wait_s"])
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"])
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
@@ -245,6 +245,10 @@ class FigureJob:
             return
         temp_dir = (self.root / candidates[".png"]).parent
         result = await self.fetcher.fetch(url, temp_dir, paths.safe_segment(row["id"]))
+        if result.outcome == "deferred":  # never asked: the row stays as it was for a later run
+            self.tally.counts["deferred"] += 1
+            log.info("row.deferred", artifact_id=row["id"], host=host, budget_paused_s=round(result.retry_in_s or 0))
+            return
         if result.outcome == "fetched":
             assert result.temp is not None and result.ext is not None
             rel = candidates[result.ext]
@@ -331,7 +335,7 @@ class FigureJob:
             "attempted": c["attempted"], "fetched": c["fetched"], "hard_404": c["hard_404"],
             "transient": c["transient"], "failed": c["failed"], "no_url": c["no_url"],
             "present": c["present"], "bad_metadata": c["bad_metadata"],
-            "adopted_from_disk": c["adopted_from_disk"], "planned": self.tally.planned,
+            "adopted_from_disk": c["adopted_from_disk"], "deferred": c["deferred"], "planned": self.tally.planned,
             "interrupted": interrupted,
             "per_host": {h: {k: v.get(k, 0) for k in ("attempted", "fetched", "hard_404", "transient", "failed", "no_url")}
                          for h, v in sorted(self.tally.per_host.items())},

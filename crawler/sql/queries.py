@@ -85,8 +85,10 @@ with input as (
   update {table} a set
     file_path = coalesce(i.file_path, a.file_path),
     metadata = a.metadata || i.patch || case when i.bump_key is null then '{{}}'::jsonb
+      -- a garbage counter (a string, 1e19, -3.5) restarts at 1 instead of failing the batch
       else jsonb_build_object(i.bump_key, 1 + case when jsonb_typeof(a.metadata->i.bump_key) = 'number'
-                                              then floor((a.metadata->>i.bump_key)::numeric)::bigint else 0 end)
+          and (a.metadata->>i.bump_key)::numeric between 0 and 1000000000
+        then floor((a.metadata->>i.bump_key)::numeric)::bigint else 0 end)
       end
     {updated_at}
   from input i

@@ -105,3 +105,50 @@ async def test_sink_batches_and_flushes_on_close(dsn):
         assert n[0]["n"] == 25
     finally:
         await db.close()
+
+
+async def test_one_bad_value_never_holds_back_the_batch(dsn):
+    await insert(dsn, [
+        ("huge", "paper_figure", None, {"image_url": "u", "image_fetch_attempts": 1e19}),
+        ("neg", "paper_figure", None, {"image_url": "u", "image_fetch_attempts": -4.5}),
+        ("ok", "paper_figure", None, {"image_url": "u", "image_fetch_attempts": 2}),
+        ("name", "dataset", None, {}),
+    ])
+    db = await open_db(dsn)
+    try:
+        sink = Sink(db, "run-3", flush_rows=10, flush_interval_s=60)
+        now = utcnow()
+        for rid in ("huge", "neg", "ok"):
+            sink.record(figure_retryable(rid, "transient", "timeout", now, "u", now))
+        sink.record(Change("name", "bound", {"file_bind_source": "worktree:caf\udce9"}))  # not UTF-8 on disk
+        await sink.flush()
+        rows = {r["id"]: json.loads(r["metadata"]) for r in await db.fetch("select id, metadata from artifacts")}
+        assert rows["huge"]["image_fetch_attempts"] == 1 and rows["neg"]["image_fetch_attempts"] == 1
+        assert rows["ok"]["image_fetch_attempts"] == 3
+        assert rows["name"]["file_bind_source"] == "worktree:caf?"
+        assert sink.refused == [] and sink.pending == 0
+    finally:
+        await db.close()
+
+
+async def test_a_row_the_database_refuses_is_set_aside_alone(dsn, monkeypatch):
+    await insert(dsn, [(f"r{i}", "paper_figure", None, {"image_url": "u"}) for i in range(3)])
+    db = await open_db(dsn)
+    try:
+        real = db.apply_changes
+
+        async def refuse_r1(run_id, changes):
+            if any(c.artifact_id == "r1" for c in changes):
+                raise asyncpg.exceptions.NumericValueOutOfRangeError("value out of range")
+            return await real(run_id, changes)
+
+        monkeypatch.setattr(db, "apply_changes", refuse_r1)
+        sink = Sink(db, "run-4", flush_rows=10, flush_interval_s=60)
+        for i in range(3):
+            sink.record(Change(f"r{i}", "x", {"k": i}))
+        await sink.flush()
+        assert sink.refused == ["r1"] and sink.pending == 0
+        rows = {r["id"]: json.loads(r["metadata"]) for r in await db.fetch("select id, metadata from artifacts")}
+        assert "k" in rows["r0"] and "k" not in rows["r1"] and "k" in rows["r2"]
+    finally:
+        await db.close()

@@ -240,11 +240,43 @@ async def test_retry_after_pauses_the_whole_budget(dsn, repo, sim, tmp_path):
 
 
 async def test_retry_after_longer_than_the_cap_is_not_slept_through(dsn, repo, sim, tmp_path):
+    """The row is transient with its next attempt; the rest of the budget is not asked at all."""
     sim.set_route("europepmc.org", "/later.png", Behaviour(status=429, retry_after="7200", content_type="text/html"))
-    await insert_figures(dsn, [("l-1", {"image_url": url("europepmc.org", "/later.png")}, None)])
-    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"max_wait_s": 60})
+    rows = [("l-0", {"image_url": url("europepmc.org", "/later.png")}, None)]
+    for i in range(1, 5):
+        sim.set_route("www.ebi.ac.uk", f"/w{i}.png", Behaviour(body=PNG))
+        rows.append((f"l-{i}", {"image_url": url("www.ebi.ac.uk", f"/w{i}.png")}, None))
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"max_wait_s": 60},
+                        budgets={"europepmc": {"max_inflight": 1, "rate_per_s": 200.0}})
     _, summary = await run_figures(cfg)
-    m = (await rows_by_id(dsn))["l-1"]["metadata"]
+    got = await rows_by_id(dsn)
+    m = got["l-0"]["metadata"]
     assert summary["transient"] == 1 and m["image_last_error"] == "http_429"
     assert m["image_next_attempt_at"] > m["image_last_attempt_at"]
-    assert len(sim.log) == 1
+    assert len(sim.log) == 1, "nothing else under the paused budget was requested"
+    assert summary["deferred"] == 4 and all(got[f"l-{i}"]["metadata"] == rows[i][1] for i in range(1, 5))
+
+
+async def test_starts_are_spaced_at_the_server_even_when_connecting_is_slow(dsn, repo, sim, tmp_path, monkeypatch):
+    """The start slot is taken once the connection is ready: slow set-up of a new connection (DNS,
+    TCP, TLS) cannot squeeze the HEAD and the reused-connection GET of a row into one second."""
+    import asyncio
+
+    from crawler.budgets import BudgetedConnector
+
+    real = BudgetedConnector._create_connection
+
+    async def slow_setup(self, req, traces, timeout):
+        await asyncio.sleep(0.4)
+        return await real(self, req, traces, timeout)
+
+    monkeypatch.setattr(BudgetedConnector, "_create_connection", slow_setup)
+    sim.set_route("cdn.example.com", "/c.png", Behaviour(body=PNG))
+    await insert_figures(dsn, [("s-1", {"image_url": url("cdn.example.com", "/c.png")}, None)])
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, budgets={"default": {"max_inflight": 1, "rate_per_s": 1.0}})
+    _, summary = await run_figures(cfg)
+    assert summary["fetched"] == 1
+    head, get = sorted(sim.log, key=lambda r: r.start)
+    assert get.start - head.start >= 1.0
+    assert max_starts_in_window([r.start for r in sim.log]) <= 1

@@ -111,3 +111,9 @@ def test_budget_routing_shares_a_provider_and_splits_default():
     assert b.name_for("pmc.ncbi.nlm.nih.gov") == "pmc"
     assert b.name_for("ncbi.nlm.nih.gov") == "default:ncbi.nlm.nih.gov"
     assert b.name_for("a.com") != b.name_for("b.com")
+
+
+def test_fractional_rates_never_exceed_the_window():
+    from crawler.budgets import spacing_s
+    assert spacing_s(2.0, 0) == 0.5 and spacing_s(0.5, 0) == 2.0
+    assert spacing_s(1.5, 0) == 1.0  # 1.5/s as a hard ceiling per one-second window is 1 per window
