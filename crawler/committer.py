@@ -54,6 +54,7 @@ class Committer:
         self.commits = 0
         self.committed_files = 0
         self.failed_files = 0
+        self.failed_ids: set[str] = set()  # rows whose file could not be committed (left unstamped)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="committer")
@@ -100,6 +101,7 @@ class Committer:
         except (GitError, OSError) as exc:
             # Files stay in place; their rows stay unstamped and the next run commits them.
             self.failed_files += len(batch)
+            self.failed_ids.update(p.artifact_id for p in batch)
             log.error("batch.commit_failed", files=len(batch), error=str(exc))
             return
         self.commits += 1

@@ -138,6 +138,9 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
     for src, dst in tree["http"]["connect_to"].items():
         if not isinstance(dst, str) or not _HOSTPORT.match(src) or not _HOSTPORT.match(dst):
             raise bad(f"http.connect_to.{src!r}", f"must map 'host:port' to 'addr:port', got {dst!r}")
+    prefix = tree["recovery"]["s3_prefix"]
+    if prefix and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/", prefix):
+        raise bad("recovery.s3_prefix", f"must look like s3://bucket/prefix/ (or be empty), got {prefix!r}")
     if "default" not in tree["budgets"]:
         raise bad("budgets.default", "is required")
     for name, t in tree["budgets"].items():

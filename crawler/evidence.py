@@ -55,6 +55,19 @@ def clean_relative(path: object) -> str | None:
     return "/".join(parts)
 
 
+UNREADABLE_SHA = "unreadable"
+
+
+def normalise_sha256(value: object) -> str | None:
+    """Lower-case hex from forms like "ABC…", " abc… ", "sha256:abc…"; None if not a sha256."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if text.startswith("sha256:") or text.startswith("sha256="):
+        text = text[7:]
+    return text if _SHA.match(text) else None
+
+
 @dataclass(frozen=True)
 class TypeRules:
     dirs: tuple[str, ...]
@@ -107,9 +120,12 @@ def expect(artifact_id: str, artifact_type: str, metadata: Any, rules: TypeRules
         if ext not in extensions:
             extensions.append(ext)
     sha = meta.get("file_sha256")
-    sha256 = sha.lower() if isinstance(sha, str) and _SHA.match(sha) else None
-    if sha is not None and sha256 is None:
+    sha256 = normalise_sha256(sha)
+    if sha not in (None, "") and sha256 is None:
+        # A sha256 was recorded but cannot be read: nothing may be bound automatically, since
+        # only that content could be the row's file.
         notes.append(f"unusable file_sha256 {sha!r}")
+        sha256 = UNREADABLE_SHA
     size = meta.get("file_size_bytes")
     size_ok = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
     lost = None
@@ -159,8 +175,9 @@ def relevant(e: Expectation, c: Candidate) -> str | None:
     if c.rel_path in e.expected_paths:
         return "high"
     ext = extension_of(c.basename, e.extensions)
-    if c.basename in e.basenames and ext in e.extensions:
-        return "medium"
+    if c.basename in e.basenames:
+        # The exact name with an extension the type does not list is still worth a human's look.
+        return "medium" if ext in e.extensions else "low"
     if stem_of(c.basename, e.extensions) in e.stems and ext in e.extensions:
         return "low"
     return None
@@ -170,10 +187,16 @@ def _prefer(cands: list[Candidate]) -> Candidate:
     return min(cands, key=lambda c: (LOCATION_PREFERENCE.index(c.kind), c.ref))
 
 
-def decide_all(expectations: list[Expectation], candidates: list[Candidate]) -> dict[str, Decision]:
-    """Decide every row at once (claims are judged across the rows of a type)."""
+def decide_all(expectations: list[Expectation], candidates: list[Candidate],
+               bound: Iterable[tuple[str, str, str]] = ()) -> dict[str, Decision]:
+    """Decide every row at once (claims are judged across the rows of a type).
+
+    `bound`: (artifact_id, type, sha256) of rows that already have their file; their content is
+    claimed, so no other row of the type binds to it on a name alone."""
     related: dict[str, list[tuple[str, Candidate]]] = defaultdict(list)
     claims: dict[tuple[str, str], set[str]] = defaultdict(set)  # (type, sha) → rows naming it
+    for artifact_id, artifact_type, sha in bound:
+        claims[(artifact_type, sha)].add(artifact_id)
     for e in expectations:
         if e.lost_reason:
             continue
@@ -198,6 +221,9 @@ def decide(e: Expectation, related: list[tuple[str, Candidate]],
         by_rung[rung].append(c)
     if by_rung["certain"]:
         return Decision("bound", "certain", _prefer(by_rung["certain"]), evidence)
+    if e.sha256 == UNREADABLE_SHA:
+        return Decision("needs_review", "low", evidence=evidence,
+                        reason="the row records a file_sha256 that cannot be read, so nothing binds without a human")
     if e.sha256:
         return Decision("needs_review", "low", evidence=evidence,
                         reason="candidates exist, but none has the sha256 recorded on the row")

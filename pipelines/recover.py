@@ -29,7 +29,7 @@ from crawler.committer import Committer, PlacedFile
 from crawler.config import Config
 from crawler.db import Change, Database
 from crawler.evidence import Candidate, Decision, Expectation, TypeRules
-from crawler.git import GitRepo, History
+from crawler.git import GitError, GitRepo, History
 from crawler.sink import Sink, utcnow
 from pipelines import tarballs
 
@@ -75,12 +75,18 @@ class RecoverJob:
         self.searched: dict[str, Any] = {"worktrees": 0, "tarballs": 0, "history": False}
         self.planned: list[dict[str, Any]] = []
         self.phase = "starting"
+        self._search_task: asyncio.Task[list[Candidate]] | None = None
 
     def stop(self) -> None:
+        """Stop soon: a search under way (a tarball being streamed) is cancelled, binds stop
+        between rows; what is placed is still committed and stamped. Run again to resume: a
+        tarball cut off is read again from its start."""
         self._stopping = True
+        if self._search_task is not None:
+            self._search_task.cancel()
 
     def abort(self) -> None:
-        self._stopping = True
+        self.stop()
 
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         if not self.opts.plan:
@@ -101,13 +107,23 @@ class RecoverJob:
         states = await self._load()
         self.phase = "searching"
         todo = [s for s in states.values() if s.expectation is not None and s.decision is None]
-        candidates = await self._search([s.expectation for s in todo if s.expectation])
+        self._search_task = asyncio.create_task(self._search([s.expectation for s in todo if s.expectation]))
+        try:
+            candidates = await self._search_task
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            log.warning("recover.search_cut_off", note="stopped while searching; nothing was bound")
+            return {**self._summary(states), "interrupted": True}
+        finally:
+            self._search_task = None
         if self._stopping:
-            return {"interrupted": True, **self._summary(states)}
+            return {**self._summary(states), "interrupted": True}
         self.phase = "hashing candidates"
         await self._hash(candidates)
         self.phase = "deciding and binding"
-        decisions = ev.decide_all([s.expectation for s in todo if s.expectation], candidates)
+        decisions = ev.decide_all([s.expectation for s in todo if s.expectation], candidates,
+                                  await self._bound_contents(states))
         for s in todo:
             assert s.expectation is not None
             s.decision = decisions[s.row["id"]]
@@ -118,7 +134,16 @@ class RecoverJob:
             self.committer.start()
         try:
             for s in states.values():
-                await self._settle(s)
+                if self._stopping:
+                    break
+                try:
+                    await self._settle(s)
+                except (OSError, GitError) as exc:  # this row's trouble, not the run's
+                    log.error("row.bind_failed", artifact_id=s.row["id"], error=f"{type(exc).__name__}: {exc}")
+                    assert s.decision is not None
+                    s.decision = Decision("needs_review", s.decision.confidence, None, s.decision.evidence,
+                                          reason=f"binding failed: {exc}")
+                    s.file_path = None
         finally:
             if not self.opts.plan:
                 await self.committer.close()
@@ -169,6 +194,21 @@ class RecoverJob:
         log.info("recover.searched", candidates=len(candidates), worktrees=len(worktrees),
                  tarballs=self.searched["tarballs"], history=self.searched["history"])
         return candidates
+
+    async def _bound_contents(self, states: dict[str, RowState]) -> list[tuple[str, str, str]]:
+        """(id, type, sha256) of rows that already have their file: their content is claimed."""
+        out = []
+        for s in states.values():
+            if s.decision is not None and s.decision.status == "bound" and s.file_path:
+                meta = s.row["metadata"] if isinstance(s.row["metadata"], dict) else {}
+                sha = ev.normalise_sha256(meta.get("file_sha256"))
+                if sha is None:
+                    try:
+                        sha, _, _ = await files.hash_file(self.root / s.file_path)
+                    except OSError:
+                        continue
+                out.append((s.row["id"], s.row["artifact_type"], sha))
+        return out
 
     async def _hash(self, candidates: list[Candidate]) -> None:
         gate = asyncio.Semaphore(4)  # a few files at a time: disks, not cores, bound hashing
@@ -295,6 +335,8 @@ class RecoverJob:
 
     def _status(self, s: RowState) -> str:
         d = s.decision
+        if d is not None and d.status == "bound" and s.row["id"] in self.committer.failed_ids:
+            return "needs_review"  # placed but not committed, so not stamped: a human should look
         return "missing" if d is None else d.status
 
     def _failure_mode(self, s: RowState, ref: dict[str, Any] | None) -> str:

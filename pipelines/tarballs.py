@@ -10,6 +10,8 @@ the run goes on with what was read before the damage.
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,12 @@ from crawler.localsearch import Wanted
 log = structlog.get_logger()
 
 MANIFEST_BATCH = 10_000  # member rows per COPY while scanning
+
+
+def storable(text: str) -> str:
+    """A member name as PostgreSQL text: bytes that are not UTF-8 (kept by tarfile as surrogates)
+    are written as \\xNN, so one odd name cannot stop a manifest."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searched: dict[str, Any]) -> list[Candidate]:
@@ -66,11 +74,15 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
                 wanted: Wanted, staging_root: Path, rec: dict[str, Any], searched: dict[str, Any]) -> int:
     manifest_id = await db.manifest_open(url, obj.etag, obj.size, run_id)
     staging = staging_root / str(manifest_id)
+    # A scan starts from nothing: an earlier, cut-off scan of this tarball left files under the
+    # same generated names.
+    await asyncio.to_thread(shutil.rmtree, staging, True)
     staging.mkdir(parents=True, exist_ok=True)
     pending: list[tuple[Any, ...]] = []
 
     def on_member(m: Any) -> None:
-        pending.append((manifest_id, m.index, m.path, tarscan.normalise_member_path(m.path), m.size, m.type, m.skipped,
+        pending.append((manifest_id, m.index, storable(m.path), storable(tarscan.normalise_member_path(m.path)),
+                        m.size, m.type, m.skipped and storable(m.skipped),
                         m.extracted.sha256 if m.extracted else None,
                         str(m.extracted.staging_path) if m.extracted else None))
         if m.skipped and wanted(tarscan.normalise_member_path(m.path), m.size):

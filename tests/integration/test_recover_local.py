@@ -140,3 +140,16 @@ async def test_recovery_binds_on_evidence_and_explains_the_rest(dsn, repo, tmp_p
     assert rows["d-twin"]["metadata"]["file_bind_approved"] is True
     assert rows["d-low"]["file_path"] is None
     assert approved["per_type"]["dataset"]["bound"] == 5
+
+
+async def test_a_bound_rows_file_is_never_bound_to_another_row_by_name(dsn, repo, tmp_path):
+    put(repo, "datasets/results.csv", b"a's results\n")
+    git(repo, "add", "datasets/results.csv")
+    git(repo, "-c", "user.name=p", "-c", "user.email=p@p", "commit", "-q", "-m", "a")
+    await insert_artifacts(dsn, [
+        ("d-a", "dataset", {"filename": "results.csv"}, "datasets/results.csv"),
+        ("d-b", "dataset", {"filename": "results.csv"}, None),
+    ])
+    _, summary = await run_recover(recover_config(dsn, repo, tmp_path))
+    assert (await rows_by_id(dsn))["d-b"]["file_path"] is None
+    assert summary["per_type"]["dataset"] == {"rows": 2, "bound": 1, "needs_review": 1, "unrecoverable": 0, "missing": 0}

@@ -118,3 +118,47 @@ async def test_an_interrupted_scan_starts_that_tarball_over_cleanly(dsn, repo, t
     members = await conn.fetchval("select count(*) from artifact_recovery.tarball_members")
     await conn.close()
     assert manifest["id"] == manifest_id and manifest["complete"] and manifest["members"] == members == 5
+
+
+async def test_a_rescan_for_a_newly_wanted_member_replaces_its_staging(dsn, repo, tmp_path, s3):
+    tarball = Tarball("x", {"./datasets/first.csv": b"1\n", "./datasets/second.csv": b"2\n"})
+    s3.upload(BUCKET, [("again/a-20260301.tar.gz", tarball.build())])
+    # d-first stays in review (its recorded size differs), so every scan extracts first.csv again
+    await insert_artifacts(dsn, [("d-first", "dataset", {"expected_path": "datasets/first.csv",
+                                                         "file_size_bytes": 999}, None)])
+    cfg = scene_config(dsn, repo, tmp_path, s3, "again/")
+    _, one = await run_recover(cfg)
+    assert one["per_type"]["dataset"]["needs_review"] == 1
+    # a new row wants a member the first scan did not keep: the tarball is read again
+    await insert_artifacts(dsn, [("d-second", "dataset", {"expected_path": "datasets/second.csv"}, None)])
+    code, two = await run_recover(cfg)
+    assert code == 0 and two["per_type"]["dataset"]["bound"] == 1
+    rows = await rows_by_id(dsn)
+    assert (repo / rows["d-second"]["file_path"]).read_bytes() == b"2\n"
+
+
+async def test_stop_during_a_search_ends_the_run_promptly(dsn, repo, tmp_path, monkeypatch):
+    import asyncio
+
+    from crawler import engine
+    from pipelines import recover, tarballs
+    started = asyncio.Event()
+
+    async def endless(*args, **kwargs):  # a tarball that streams for ever
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(tarballs, "search", endless)
+    await insert_artifacts(dsn, [("d-1", "dataset", {"filename": "x.csv"}, None)])
+    cfg = recover_config(dsn, repo, tmp_path)
+    db = await engine.open_database(cfg)
+    try:
+        job = recover.RecoverJob(cfg, db, "run-stop", recover.RecoverOptions())
+        task = asyncio.create_task(job.run(5))
+        await started.wait()
+        job.stop()
+        summary = await asyncio.wait_for(task, 10)
+    finally:
+        await db.close()
+    assert summary["interrupted"] is True
+    assert (await rows_by_id(dsn))["d-1"]["file_path"] is None

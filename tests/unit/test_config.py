@@ -43,6 +43,7 @@ def test_override_key_by_key_and_env_dsn(tmp_path):
     ("[artifacts]\nfigure_path = 'figures/{artifact_id}'\n", "artifacts.figure_path"),
     ("[http.connect_to]\n'europepmc.org' = '127.0.0.1:1'\n", "http.connect_to"),
     ("[artifacts]\ncommit_batch = 0\n", "artifacts.commit_batch"),
+    ("[recovery]\ns3_prefix = 'scidex/backups'\n", "recovery.s3_prefix"),
 ])
 def test_bad_config_names_the_key_in_one_line(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,5 @@
-from crawler.evidence import Candidate, TypeRules, approve, decide_all, expect, extension_of, relevant
+from crawler.evidence import (UNREADABLE_SHA, Candidate, TypeRules, approve, decide_all, expect, extension_of,
+                              relevant)
 
 DATASET = TypeRules(("datasets/",), (".csv", ".parquet", ".csv.gz"), "datasets/{basename}")
 A, B, C = "a" * 64, "b" * 64, "c" * 64
@@ -18,7 +19,7 @@ def test_expectation_reads_the_row_and_ignores_garbage():
     e = expect("d1", "dataset", {"filename": "../../gtex.parquet", "expected_path": "datasets/gtex.parquet",
                                  "file_sha256": "NOT-A-SHA", "file_size_bytes": "12", "format": "parquet"}, DATASET)
     assert e.basenames == {"gtex.parquet"} and e.expected_paths == ("datasets/gtex.parquet",)
-    assert e.sha256 is None and e.size is None and len(e.notes) == 1
+    assert e.sha256 == UNREADABLE_SHA and e.size is None and len(e.notes) == 1
     assert expect("d2", "dataset", {"expected_path": "/etc/passwd"}, DATASET).expected_paths == ()
     assert expect("d3", "dataset", ["garbage"], DATASET).notes == ("metadata is not a JSON object",)
 
@@ -86,3 +87,25 @@ def test_approval_binds_exactly_the_named_candidate():
     assert approve(e, related, "checkout:nope.csv") is None
     sha_row = expect("s", "dataset", {"filename": "gtex.csv", "file_sha256": C}, DATASET)
     assert approve(sha_row, [(relevant(sha_row, c1), c1)], c1.ref) is None
+
+
+def test_recorded_sha_forms_are_normalised_and_an_unreadable_one_blocks_binds():
+    assert expect("d", "dataset", {"file_sha256": f" sha256:{A.upper()} "}, DATASET).sha256 == A
+    e = expect("d", "dataset", {"expected_path": "datasets/x.csv", "file_sha256": "md5:1234"}, DATASET)
+    d = decide_all([e], [cand("checkout", "datasets/x.csv", B)])["d"]
+    assert d.status == "needs_review" and "cannot be read" in d.reason
+
+
+def test_the_exact_name_with_an_unlisted_extension_is_low_not_missing():
+    e = expect("m", "model", {"filename": "weights.bin"}, DATASET)
+    d = decide_all([e], [cand("checkout", "models/weights.bin", A)])["m"]
+    assert (d.status, d.confidence) == ("needs_review", "low")
+
+
+def test_a_bound_rows_content_is_claimed():
+    e = expect("b", "dataset", {"filename": "results.csv"}, DATASET)
+    c = cand("checkout", "datasets/results.csv", A)
+    assert decide_all([e], [c])["b"].status == "bound"
+    d = decide_all([e], [c], bound=[("a", "dataset", A)])["b"]
+    assert d.status == "needs_review" and "claimed by a" in d.reason
+    assert decide_all([e], [c], bound=[("a", "model", A)])["b"].status == "bound"  # other type: no claim
