@@ -9,6 +9,7 @@ answer passes the same checks.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -28,6 +29,16 @@ def safe_segment(value: object) -> str:
     """A value made fit for one path segment: no separators, no leading dots, never empty."""
     text = _UNSAFE.sub("_", str(value)).strip("._")
     return text[:120] or "unknown"
+
+
+def unique_segment(value: object) -> str:
+    """Like safe_segment, but one-to-one: a value that had to be altered (or shortened) gets a
+    short hash of the original, so "fig/1" and "fig_1" never share a file."""
+    text = str(value)
+    safe = safe_segment(text)
+    if safe == text:
+        return safe
+    return f"{safe[:100]}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
 Resolver = Callable[[Mapping[str, str]], str]
@@ -60,7 +71,7 @@ def figure_fields(artifact_id: str, metadata: Mapping[str, object], ext: str) ->
         value = metadata.get(key)
         return safe_segment(value) if value not in (None, "") else "unknown"
 
-    return {"artifact_id": safe_segment(artifact_id), "paper_id": field("paper_id"),
+    return {"artifact_id": unique_segment(artifact_id), "paper_id": field("paper_id"),
             "pmcid": field("pmcid"), "figure_label": field("figure_label"), "ext": ext}
 
 

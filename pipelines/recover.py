@@ -277,8 +277,8 @@ class RecoverJob:
         name = c.basename if not e.basenames else sorted(e.basenames)[0]
         ext = ev.extension_of(name, e.extensions)
         choices = list(e.expected_paths) or [self.rules[e.artifact_type].path.format(
-            artifact_id=paths.safe_segment(e.artifact_id), basename=name, ext=ext)]
-        choices.append(f"{choices[0].rsplit('/', 1)[0]}/{paths.safe_segment(e.artifact_id)}/{name}")
+            artifact_id=paths.unique_segment(e.artifact_id), basename=name, ext=ext)]
+        choices.append(f"{choices[0].rsplit('/', 1)[0]}/{paths.unique_segment(e.artifact_id)}/{name}")
         for choice in choices:
             rel = paths.contain(self.root, choice)
             target = self.root / rel

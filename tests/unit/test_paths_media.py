@@ -117,3 +117,10 @@ def test_fractional_rates_never_exceed_the_window():
     from crawler.budgets import spacing_s
     assert spacing_s(2.0, 0) == 0.5 and spacing_s(0.5, 0) == 2.0
     assert spacing_s(1.5, 0) == 1.0  # 1.5/s as a hard ceiling per one-second window is 1 per window
+
+
+def test_artifact_ids_map_to_distinct_files(tmp_path):
+    ids = ["fig/1", "fig_1", "fig 1", "fig:1.", "x" * 130 + "a", "x" * 130 + "b"]
+    rels = {canonical(tmp_path, i, {"paper_id": "P"}) for i in ids}
+    assert len(rels) == len(ids)
+    assert canonical(tmp_path, "fig-000001", {"paper_id": "P"}) == "figures/papers/P/fig-000001.png"
