@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
 QUIET_ON_CONSOLE = frozenset({"row.outcome"})
+FLUSH_EVERY_S = 0.5
 FILE_ONLY_KEYS = frozenset({"config"})  # the effective config is long: the JSON log keeps it
 
 
@@ -23,11 +25,16 @@ class _Fanout:
         self.file = file
         self.console = console
         self.verbose = verbose
+        self._flushed = time.monotonic()
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
         if self.file is not None:
             self.file.write(json.dumps(event, default=str, separators=(",", ":")) + "\n")
-            self.file.flush()
+            # `tail -f` sees a line within FLUSH_EVERY_S; a flush per row would cost a syscall each.
+            now = time.monotonic()
+            if now - self._flushed >= FLUSH_EVERY_S or event["event"] != "row.outcome":
+                self.file.flush()
+                self._flushed = now
         if self.console is not None and (self.verbose or event["event"] not in QUIET_ON_CONSOLE):
             rest = " ".join(f"{k}={v}" for k, v in event.items()
                             if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)

@@ -9,6 +9,7 @@ answer passes the same checks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -85,11 +86,19 @@ def contain(root: Path, relative: str) -> str:
     norm = os.path.normpath(relative)
     if norm == "." or norm.startswith(".."):
         raise PathError(f"path {relative!r} leaves the artifacts root")
-    # Symlinks already on disk could still lead out: compare the resolved parent with the root.
-    real_root = root.resolve()
-    real_parent = (real_root / norm).parent.resolve()
-    if real_parent != real_root and real_root not in real_parent.parents:
-        raise PathError(f"path {relative!r} leaves the artifacts root through a link")
     if norm.split(os.sep)[0] == ".git":
         raise PathError(f"path {relative!r} is inside .git")
+    # Symlinks already on disk could still lead out: compare the resolved parent with the root.
+    if not _parent_inside(str(root), os.path.dirname(norm)):
+        raise PathError(f"path {relative!r} leaves the artifacts root through a link")
     return norm
+
+
+@functools.lru_cache(maxsize=4096)
+def _parent_inside(root: str, parent: str) -> bool:
+    """Whether root/parent resolves inside root. Cached: rows share directories, and resolving
+    costs a system call per path component. (A link planted mid-run is caught by the rename,
+    which never follows a link out of an existing directory it did not resolve.)"""
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(os.path.join(real_root, parent))
+    return real_parent == real_root or real_parent.startswith(real_root + os.sep)
