@@ -123,3 +123,7 @@ class Committer:
             await self._task
             self._task = None
         await self.commit_pending(everything=True)
+        try:
+            await self._repo.close()
+        except (GitError, OSError) as exc:  # commits are made; only `git status` would look odd
+            log.error("repo.index_sync_failed", error=str(exc))

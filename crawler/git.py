@@ -24,10 +24,14 @@ class GitError(Exception):
 
 class GitRepo:
     def __init__(self, root: Path, timeout_s: float, author_name: str, author_email: str,
-                 commit_command: str = "") -> None:
+                 commit_command: str = "", index_sync_commits: int = 1) -> None:
         self.root = root
         self.timeout_s = timeout_s
         self.commit_command = commit_command
+        self.index_sync_commits = index_sync_commits
+        self._index_head: str | None = None   # the commit our private index matches
+        self._unsynced: list[str] = []        # committed paths the checkout's index has not learnt
+        self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
                      "GIT_COMMITTER_NAME": author_name, "GIT_COMMITTER_EMAIL": author_email,
                      "GIT_TERMINAL_PROMPT": "0"}
@@ -91,28 +95,77 @@ class GitRepo:
 
     async def _commit_private_index(self, gitdir: Path, paths: Sequence[str], message: str) -> str:
         stdin = b"".join(p.encode() + b"\0" for p in paths)
-        index = gitdir / f"crawler-index-{os.getpid()}"
+        index = gitdir / f"crawler-index-{os.getpid()}-{id(self)}"
         env = {**self._env, "GIT_INDEX_FILE": str(index)}
-        try:
-            for _attempt in range(3):  # another writer may move the branch between read and CAS
-                head = await self.head()
+        for _attempt in range(3):  # another writer may move the branch between read and CAS
+            head = await self.head()
+            if self._index_head != head or not index.exists():
+                # Built from HEAD once per run (again only if someone else moved the branch); the
+                # split index then makes each update write a small delta, and git's cache-tree
+                # makes write-tree redo only the directories this batch touched.
                 await self._run("read-tree", *(["HEAD"] if head else ["--empty"]), env=env)
-                await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin, env=env)
-                tree = await self._run("write-tree", env=env)
-                if head and tree == await self._run("rev-parse", "HEAD^{tree}"):
-                    return head
-                parents = ["-p", head] if head else []
-                commit = await self._run("commit-tree", tree, *parents, "-m", message)
-                try:
-                    await self._run("update-ref", "-m", message, "HEAD", commit, head or "")
-                except GitError:
-                    continue
-                # Teach the real index the committed entries for these paths only.
-                await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin)
-                return commit
-            raise GitError("the branch kept moving while committing; try again")
-        finally:
-            index.unlink(missing_ok=True)
+                await self._run("update-index", "--split-index", env=env)
+            await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin, env=env)
+            tree = await self._run("write-tree", env=env)
+            if head and tree == await self._run("rev-parse", "HEAD^{tree}"):
+                self._index_head = head
+                self._unsynced.extend(paths)
+                return head
+            parents = ["-p", head] if head else []
+            commit = await self._run("commit-tree", tree, *parents, "-m", message)
+            # Written before the branch moves, so a kill between the two still leaves the paths
+            # for the next sync to reconcile (it keeps only those HEAD really holds).
+            await asyncio.to_thread(_append, gitdir / UNSYNCED, stdin)
+            try:
+                await self._run("update-ref", "-m", message, "HEAD", commit, head or "")
+            except GitError:
+                self._index_head = None
+                continue
+            self._index_head = commit
+            self._unsynced.extend(paths)
+            self._commits_since_sync += 1
+            if self._commits_since_sync >= self.index_sync_commits:
+                await self._sync_real_index()
+            return commit
+        raise GitError("the branch kept moving while committing; try again")
+
+    async def _sync_real_index(self) -> None:
+        """Teach the checkout's own index the committed entries of our paths (this run's, and any
+        a killed run left in the intent log) that HEAD holds, so `git status` shows them clean.
+        Batched: each update rewrites that whole index file."""
+        gitdir = await self.git_dir()
+        intent = gitdir / UNSYNCED
+        logged = await asyncio.to_thread(_read_paths, intent)
+        wanted = sorted(set(self._unsynced) | set(logged))
+        if wanted:
+            held: list[str] = []
+            for i in range(0, len(wanted), 500):  # pathspecs on the command line, in slices
+                listed = await self._run("ls-tree", "-r", "--name-only", "-z", "HEAD", "--", *wanted[i:i + 500])
+                held += [p for p in listed.split("\0") if p]
+            if held:
+                await self._run("update-index", "--add", "-z", "--stdin", stdin=b"".join(p.encode() + b"\0" for p in held))
+        intent.unlink(missing_ok=True)
+        self._unsynced.clear()
+        self._commits_since_sync = 0
+
+    async def close(self) -> None:
+        """Sync the checkout's index and drop private indexes of this and of dead processes."""
+        async with self._lock:
+            try:
+                gitdir = await self.git_dir()
+            except GitError:
+                return
+            lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock")
+            try:
+                if self._unsynced or (gitdir / UNSYNCED).exists():
+                    await self._sync_real_index()
+                for f in gitdir.glob("crawler-index-*"):
+                    pid = f.name.split("-")[2]
+                    if f.name.startswith(f"crawler-index-{os.getpid()}-{id(self)}") or not _alive(pid):
+                        f.unlink(missing_ok=True)
+                self._index_head = None
+            finally:
+                os.close(lock_fd)
 
     async def _commit_with_helper(self, paths: Sequence[str]) -> str:
         # The site's helper commits as the site says, not under our author identity.
@@ -121,6 +174,31 @@ class GitRepo:
         if head is None or not await self.holds(head, paths):
             raise GitError(f"artifacts.commit_command did not commit the {len(paths)} files it was given")
         return head
+
+
+UNSYNCED = "crawler-unsynced"  # paths committed, or about to be, that the checkout's index may lack
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+def _read_paths(path: Path) -> list[str]:
+    try:
+        return [p for p in path.read_bytes().decode(errors="surrogateescape").split("\0") if p]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _flock(path: Path) -> int:
