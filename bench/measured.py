@@ -1,0 +1,52 @@
+"""Run a module as ``__main__`` in this process, then write what it cost as JSON.
+
+    python -m bench.measured STATS_FILE MODULE [ARGS...]
+
+The figures are about this process alone: its peak RSS (VmHWM) is the module's, not that of a
+git or any other child, whose CPU is reported apart (RUSAGE_CHILDREN). Measuring from inside is
+the only way to get the crawler's own peak: a parent's wait4() folds the children's peaks into
+it, and a forked child's peak is the parent's size at the fork, so it says nothing either.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import runpy
+import sys
+import time
+from pathlib import Path
+
+
+def vm_hwm_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return -1
+
+
+def main() -> int:
+    stats_file, module, *args = sys.argv[1:]
+    sys.argv = [module, *args]
+    started = time.monotonic()
+    code: int | str | None = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+    wall = time.monotonic() - started
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    Path(stats_file).write_text(json.dumps({
+        "exit": code if isinstance(code, int) else (0 if code is None else 1),
+        "wall_s": round(wall, 3),
+        "cpu_self_s": round(own.ru_utime + own.ru_stime, 3),
+        "cpu_self_sys_s": round(own.ru_stime, 3),
+        "cpu_children_s": round(kids.ru_utime + kids.ru_stime, 3),
+        "peak_rss_kb": vm_hwm_kb(),
+    }))
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

