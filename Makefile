@@ -29,6 +29,7 @@ $(VENV)/.installed-bench: $(STAMP)
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.tarball
 
 clean:
 	rm -rf $(VENV) .sandbox reports build *.egg-info
