@@ -36,6 +36,7 @@ import asyncpg
 from bench import report, workload
 from bench.rows import HostShare, lifted_hosts, spread
 from crawler.sandbox import pg
+from crawler.config import to_toml
 
 OUT = Path(__file__).resolve().parent / "out"
 PGDATA = OUT / "work" / "pg"
@@ -250,7 +251,7 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
                                        hosts=[s.host for s in shares], budgets=budgets, fsync=settings.fsync,
                                        rate_guard_s=rate_guard_s)
         config = home / "config.toml"
-        config.write_text(workload.to_toml(tree))
+        config.write_text(to_toml(tree))
         busy0, pg0 = machine_busy_s(), postgres_cpu_s(PGDATA)
         stats, wall, stopped = run_measured(
             ["crawler", "figures", "--config", str(config)], home / "stats.json", home / "crawler.log",

@@ -81,23 +81,3 @@ def crawler_config(*, dsn: str, root: Path, reports: Path, port: int, hosts: Ite
         "budgets": budgets,
         "report": {"dir": str(reports), "console": False},
     }
-
-
-def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
-    """Just enough TOML for a config tree: tables, strings, numbers, booleans, lists."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} as TOML")
-    scalars = [f"{json.dumps(k)} = {value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
-    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.append(to_toml(v, f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k)))
-    return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
 import os
 import re
 import tomllib
@@ -186,3 +187,24 @@ def from_tree(override: dict[str, Any], origin: str = "<test>") -> Config:
     tree = _merge(load_defaults(), override, "", origin)
     _validate(tree, origin)
     return Config(tree, origin)
+
+
+def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML for a config tree (tables, strings, numbers, booleans, lists): the sandbox,
+    tests and benchmarks write the config files they hand to the CLI with it."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+    scalars = [f"{json.dumps(k)} = {value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
+    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.append(to_toml(v, f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k)))
+    return "\n".join(out) + "\n"

@@ -83,24 +83,7 @@ def commits_by_tool(root: Path) -> list[list[str]]:
     return [git(root, "show", "--name-only", "--format=", sha).split() for sha in shas]
 
 
-def to_toml(tree: dict[str, Any], prefix: str = "") -> str:
-    """A minimal TOML writer for config trees (strings, numbers, booleans, lists, tables)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(type(v))
-    scalars = [f"{json.dumps(k)} = {value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
-    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(out) + "\n"
+to_toml = config.to_toml  # tests write CLI config files with the same writer as the bench
 
 
 async def insert_artifacts(dsn: str, rows: list[tuple[str, str, dict[str, Any] | Any, str | None]]) -> None:
