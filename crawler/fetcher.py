@@ -162,7 +162,7 @@ class Fetcher:
         max_bytes = self.http["max_bytes"]
         if resp.content_length is not None and resp.content_length > max_bytes:
             raise _Done(FetchResult("failed", str(url), "too_large", 200))
-        temp = await TempFile(temp_dir, stem).open()
+        temp = await TempFile(temp_dir, stem, self.http["buffer_bytes"]).open()
         ext = None
         head = b""
         try:

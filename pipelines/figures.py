@@ -253,7 +253,7 @@ class FigureJob:
         if result.outcome == "fetched":
             assert result.temp is not None and result.ext is not None
             rel = candidates[result.ext]
-            await files.place(result.temp.path, self.root / rel)
+            await files.place_temp(result.temp, self.root / rel)
             self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
                                           result.content_type or "", utcnow(), str(url)))
             self.tally.add(host, "fetched")

@@ -140,3 +140,16 @@ async def test_retry_after_as_an_http_date(dsn, repo, sim, tmp_path):
     assert summary["fetched"] == 1
     first, second = sorted(sim.log, key=lambda r: r.start)[:2]
     assert first.status == 503 and second.start >= first.end + 0.5  # an HTTP date has 1-s resolution
+
+
+async def test_a_body_larger_than_the_buffer_goes_through_disk(dsn, repo, sim, tmp_path):
+    big = images.png(9, 50_000)
+    sim.set_route("europepmc.org", "/big.png", Behaviour(body=big))
+    sim.set_route("europepmc.org", "/cut.png", Behaviour(body=images.png(10, 50_000), truncate_to=30_000))
+    await insert_figures(dsn, [("g-1", {"image_url": "http://europepmc.org/big.png", "paper_id": "P"}, None),
+                               ("g-2", {"image_url": "http://europepmc.org/cut.png", "paper_id": "P"}, None)])
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"buffer_bytes": 4096, "chunk_bytes": 4096})
+    _, summary = await run_figures(cfg)
+    assert summary["fetched"] == 1 and summary["transient"] == 1
+    assert (repo / "figures/papers/P/g-1.png").read_bytes() == big
+    assert sorted(p.name for p in (repo / "figures/papers/P").iterdir()) == ["g-1.png"]  # no .part left
