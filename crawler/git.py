@@ -29,7 +29,10 @@ class GitRepo:
         self.timeout_s = timeout_s
         self.commit_command = commit_command
         self.index_sync_commits = index_sync_commits
+        self._index_built = False             # our private index exists and matches _index_head
         self._index_head: str | None = None   # the commit our private index matches
+        self._head_tree: str | None = None    # that commit's tree
+        self._git_dir: Path | None = None
         self._unsynced: list[str] = []        # committed paths the checkout's index has not learnt
         self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
@@ -55,7 +58,9 @@ class GitRepo:
         return out.decode(errors="replace").strip()
 
     async def git_dir(self) -> Path:
-        return Path(self.root, await self._run("rev-parse", "--git-dir")).resolve()
+        if self._git_dir is None:
+            self._git_dir = Path(self.root, await self._run("rev-parse", "--git-dir")).resolve()
+        return self._git_dir
 
     async def check(self) -> None:
         """Raise GitError unless root is the top of a git work tree."""
@@ -98,17 +103,21 @@ class GitRepo:
         index = gitdir / f"crawler-index-{os.getpid()}-{id(self)}"
         env = {**self._env, "GIT_INDEX_FILE": str(index)}
         for _attempt in range(3):  # another writer may move the branch between read and CAS
-            head = await self.head()
-            if self._index_head != head or not index.exists():
+            if not self._index_built or not index.exists():
                 # Built from HEAD once per run (again only if someone else moved the branch); the
                 # split index then makes each update write a small delta, and git's cache-tree
                 # makes write-tree redo only the directories this batch touched.
-                await self._run("read-tree", *(["HEAD"] if head else ["--empty"]), env=env)
+                self._index_head = await self.head()
+                await self._run("read-tree", *(["HEAD"] if self._index_head else ["--empty"]), env=env)
                 await self._run("update-index", "--split-index", env=env)
+                self._head_tree = (await self._run("rev-parse", "HEAD^{tree}")) if self._index_head else None
+                self._index_built = True
+            # From here on HEAD is taken to be our last commit: update-ref's compare-and-swap
+            # catches anyone else moving the branch, and then the index is rebuilt.
+            head = self._index_head
             await self._run("update-index", "--add", "-z", "--stdin", stdin=stdin, env=env)
             tree = await self._run("write-tree", env=env)
-            if head and tree == await self._run("rev-parse", "HEAD^{tree}"):
-                self._index_head = head
+            if head and tree == self._head_tree:
                 self._unsynced.extend(paths)
                 return head
             parents = ["-p", head] if head else []
@@ -119,9 +128,9 @@ class GitRepo:
             try:
                 await self._run("update-ref", "-m", message, "HEAD", commit, head or "")
             except GitError:
-                self._index_head = None
+                self._index_built = False
                 continue
-            self._index_head = commit
+            self._index_head, self._head_tree = commit, tree
             self._unsynced.extend(paths)
             self._commits_since_sync += 1
             if self._commits_since_sync >= self.index_sync_commits:
@@ -163,7 +172,7 @@ class GitRepo:
                     pid = f.name.split("-")[2]
                     if f.name.startswith(f"crawler-index-{os.getpid()}-{id(self)}") or not _alive(pid):
                         f.unlink(missing_ok=True)
-                self._index_head = None
+                self._index_built = False
             finally:
                 os.close(lock_fd)
 
