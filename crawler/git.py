@@ -33,6 +33,7 @@ class GitRepo:
         self._index_head: str | None = None   # the commit our private index matches
         self._head_tree: str | None = None    # that commit's tree
         self._git_dir: Path | None = None
+        self._shared_before: set[Path] = set()
         self._unsynced: list[str] = []        # committed paths the checkout's index has not learnt
         self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
@@ -63,13 +64,19 @@ class GitRepo:
         return self._git_dir
 
     async def check(self) -> None:
-        """Raise GitError unless root is the top of a git work tree."""
+        """Raise GitError unless root is the top of a git work tree; then pin every later git
+        call to that repository (GIT_DIR, GIT_WORK_TREE). Unpinned, a root whose .git vanished
+        mid-run would make git find an enclosing repository and commit into it."""
         try:
             top = await self._run("rev-parse", "--show-toplevel")
+            gitdir = Path(self.root, await self._run("rev-parse", "--git-dir")).resolve()
         except (GitError, OSError) as exc:
             raise GitError(f"{self.root} is not a git work tree ({exc})") from None
         if Path(top).resolve() != self.root.resolve():
             raise GitError(f"{self.root} is inside the git work tree {top}, not its top")
+        self._git_dir = gitdir
+        self._env.update({"GIT_DIR": str(gitdir), "GIT_WORK_TREE": str(self.root.resolve())})
+        self._shared_before = set(gitdir.glob("sharedindex.*"))
 
     async def head(self) -> str | None:
         try:
@@ -88,8 +95,12 @@ class GitRepo:
         """
         if not paths:
             raise ValueError("nothing to commit")
+        if "GIT_DIR" not in self._env:
+            await self.check()
         async with self._lock:
             gitdir = await self.git_dir()
+            if not gitdir.is_dir():
+                raise GitError(f"the repository {gitdir} is gone; nothing was committed")
             lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock")
             try:
                 if self.commit_command:
@@ -172,6 +183,15 @@ class GitRepo:
                     pid = f.name.split("-")[2]
                     if f.name.startswith(f"crawler-index-{os.getpid()}-{id(self)}") or not _alive(pid):
                         f.unlink(missing_ok=True)
+                # Shared parts of our split private indexes: git would keep them for two weeks.
+                keep = set()
+                try:
+                    keep.add(Path(await self._run("rev-parse", "--shared-index-path")).resolve())
+                except GitError:
+                    pass
+                for f in set(gitdir.glob("sharedindex.*")) - self._shared_before:
+                    if f.resolve() not in keep:
+                        f.unlink(missing_ok=True)
                 self._index_built = False
             finally:
                 os.close(lock_fd)
@@ -232,6 +252,7 @@ class History:
 
     async def objects(self) -> list[tuple[str, str]]:
         """(object id, path) of every object reachable from any ref, first path seen."""
+        await self.repo.check()  # pinned: never the history of an enclosing repository
         listing = await self.repo._run("rev-list", "--all", "--objects")
         out = []
         for line in listing.splitlines():

@@ -17,9 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import structlog
+
 from . import files
 from .evidence import Candidate, Expectation, extension_of, stem_of
-from .git import History
+from .git import GitError, History
+
+log = structlog.get_logger()
 
 GLOB_CHARS = set("*?[")
 
@@ -98,7 +102,12 @@ async def walk_locations(checkout: Path, worktrees: list[tuple[str, Path]], want
 async def history_candidates(history: History, wanted: Wanted) -> list[Candidate]:
     """Blobs reachable from any ref whose path could match (sizes from cat-file)."""
     paths: dict[str, str] = {}
-    for sha, path in await history.objects():
+    try:
+        objects = await history.objects()
+    except GitError as exc:  # a checkout that is not a repository has no history to search
+        log.warning("recover.history_unavailable", error=str(exc))
+        return []
+    for sha, path in objects:
         # With sizes wanted (sha-recorded rows), every blob is a candidate until its size is known.
         if sha not in paths and (wanted.sizes or wanted(path, None)):
             paths[sha] = path

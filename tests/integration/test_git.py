@@ -27,3 +27,41 @@ async def test_committing_what_head_already_holds_makes_no_commit(repo):
     assert await ours.commit_paths(["a.png"], "again") == first
     await ours.close()
     assert git(repo, "rev-parse", "HEAD") == first
+
+
+async def test_a_vanished_git_directory_never_leads_to_an_enclosing_repository(tmp_path):
+    """The bench once deleted a running job's artifacts repo: git then found the project's own
+    repository above it and the job committed there. Pinned, it fails instead."""
+    import shutil
+
+    import pytest
+
+    from crawler.git import GitError
+    outer = tmp_path / "outer"
+    inner = outer / "work" / "artifacts"
+    inner.mkdir(parents=True)
+    for root in (outer, inner):
+        git(root, "init", "-q", "-b", "main")
+        git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    outer_head = git(outer, "rev-parse", "HEAD")
+    ours = GitRepo(inner, 60, "crawler", "c@c")
+    await ours.check()
+    (inner / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "ours")
+    shutil.rmtree(inner / ".git")
+    (inner / "b.png").write_bytes(b"b")
+    with pytest.raises(GitError):
+        await ours.commit_paths(["b.png"], "would land in the outer repository")
+    assert git(outer, "rev-parse", "HEAD") == outer_head
+    assert git(outer, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+async def test_a_run_leaves_no_shared_index_files_behind(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=2)
+    await ours.check()
+    for i in range(12):
+        (repo / f"f{i}.png").write_bytes(b"%d" % i)
+        await ours.commit_paths([f"f{i}.png"], f"c{i}")
+    await ours.close()
+    leftovers = [p.name for p in (repo / ".git").iterdir() if p.name.startswith(("sharedindex.", "crawler-index-"))]
+    assert leftovers == [] and git(repo, "status", "--porcelain") == ""
