@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ("run", "rows done", "wall s", "fetching s", "commit tail s", "rows/s", "CPU own s", "CPU git s", "CPU sim s", "CPU pg s", "CPU machine s",
+COLUMNS = ("run", "rows fetched", "rows done", "wall s", "fetching s", "commit tail s", "rows/s", "CPU own s", "CPU git s", "CPU sim s", "CPU pg s", "CPU machine s",
            "peak RSS MB", "requests")
 
 
@@ -29,7 +29,7 @@ def _cells(label: str, r: dict[str, Any]) -> list[str]:
     stopped = " (deadline)" if r.get("stopped_at_deadline") else ""
     def secs(key: str) -> str:
         return f"{r[key]:.1f}" if r.get(key) is not None else "-"
-    return [label + stopped, f"{r['done']:,}", f"{r['wall_s']:.1f}", secs("fetch_phase_s"), secs("commit_tail_s"),
+    return [label + stopped, f"{r['attempted']:,}", f"{r['done']:,}", f"{r['wall_s']:.1f}", secs("fetch_phase_s"), secs("commit_tail_s"),
             f"{r['rows_per_s']:,.0f}",
             f"{r['cpu_crawler_s']:.1f}", f"{r['cpu_children_s']:.1f}", f"{r['cpu_simulator_s']:.1f}",
             f"{r['cpu_postgres_s']:.1f}" if "cpu_postgres_s" in r else "-",
@@ -47,7 +47,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         m = s["memory"]
         out.append({"name": "flat memory", "target": "peak RSS large <= 1.2 x small",
                     "measured": f"{m['large']['peak_rss_mb']:.0f} / {m['small']['peak_rss_mb']:.0f} MB "
-                                f"= {m['rss_ratio']:.2f} x ({m['large']['done']:,} vs {m['small']['done']:,} rows)",
+                                f"= {m['rss_ratio']:.2f} x ({m['large']['attempted']:,} vs {m['small']['attempted']:,} rows fetched)",
                     "met": m["rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
     if "polite" in s:
         p = s["polite"]
@@ -81,7 +81,8 @@ def notes(results: dict[str, Any]) -> list[str]:
            f"mode: {results['mode']}; artifacts.fsync = {str(st['fsync']).lower()}",
            f"lifted: {st['lifted_hosts']} hosts, max_inflight {st['inflight_per_host']} each, rate_per_s "
            f"{st['lifted_rate_per_s']:,.0f}, rate_guard_s 0, ~{st['image_bytes'] // 1000} KB PNGs, HEAD then GET each",
-           "rows done: outcomes in the database (a fetched row once committed and stamped); wall and rows/s: "
+           "rows fetched: outcomes the job reached; rows done: outcomes in the database (a fetched row once "
+           "committed and stamped); wall and rows/s (rows done / wall): "
            "spawn to exit; fetching: run start to the last row's outcome; commit tail: from there to the last commit",
            "CPU own: the measured process; CPU git: its children (git); CPU pg: the PostgreSQL server; "
            "CPU machine: all cores, everything included"]
@@ -94,7 +95,8 @@ def notes(results: dict[str, Any]) -> list[str]:
     if "scrapy" in s:
         sc = s["scrapy"]
         ratio = f"{sc['ratio']:.2f}" if sc["ratio"] else "n/a"
-        out.append(f"scrapy: same rows, hosts and per-host in-flight cap, HEAD then GET, body to a file + sha256; "
+        out.append(f"scrapy: same rows, hosts and per-host in-flight cap, HEAD then GET, body to a file + sha256 "
+                   f"(fsync {'on' if st['fsync'] else 'off'}, as the crawler); "
                    f"Scrapy does no database, journal or git commits. Median rows/s crawler {sc['crawler_rows_per_s']:,.0f}"
                    f" vs Scrapy {sc['scrapy_rows_per_s']:,.0f}: crawler/Scrapy = {ratio}")
     return out

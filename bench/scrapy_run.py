@@ -1,14 +1,15 @@
 """The same lifted workload through a minimal Scrapy spider, for an honest comparison.
 
-    python -m bench.scrapy_run --port P --rows N --hosts H --inflight-per-host K --out DIR --summary FILE
+    python -m bench.scrapy_run --port P --rows N --hosts H --inflight-per-host K --out DIR --summary FILE [--fsync]
 
 Per URL it does what the crawler's fetcher does on the wire: HEAD, then GET when the HEAD
-says 200; the body is written to a temporary file beside its target while being hashed
-(sha256), then renamed into place at the same path the crawler would use. What it leaves out,
-and the crawler does not: no database reads or writes, no journal, no git commits, no image
-sniffing. The spider reaches the simulator at 127.0.0.1:P and names the simulated host in the
-Host header; each host gets its own download slot with the same in-flight cap as the crawler's
-per-host budget, and no delay (the crawler's budgets are lifted too).
+says 200; the body is hashed (sha256) and written to a temporary file beside its target, fsynced
+when ``--fsync`` is given (the bench passes the crawler runs' setting), then renamed into place
+at the path the crawler would use. What it leaves out, and the crawler does not: no database
+reads or writes, no journal, no git commits, no image sniffing. The spider reaches the simulator
+at 127.0.0.1:P and names the simulated host in the Host header; each host gets its own download
+slot with the same in-flight cap as the crawler's per-host budget, and no delay (the crawler's
+budgets are lifted too).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from bench.rows import figure_path, lifted_hosts, spread, urls
 class FigureSpider(scrapy.Spider):
     name = "figures"
 
-    def __init__(self, port: int, rows: int, hosts: int, out: str, **kwargs: Any) -> None:
+    def __init__(self, port: int, rows: int, hosts: int, out: str, fsync: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.port, self.rows, self.hosts, self.out = port, rows, hosts, Path(out)
+        self.port, self.rows, self.hosts, self.out, self.fsync = port, rows, hosts, Path(out), fsync
         self.counts = {"rows": 0, "fetched": 0, "not_found": 0, "other_status": 0, "errors": 0, "bytes": 0}
 
     async def start(self):  # Scrapy pulls from this as it has room, like the crawler's producers
@@ -60,7 +61,11 @@ class FigureSpider(scrapy.Spider):
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.part")
         digest = hashlib.sha256(response.body).hexdigest()
-        temp.write_bytes(response.body)
+        with open(temp, "wb") as fh:
+            fh.write(response.body)
+            if self.fsync:  # as the crawler does with artifacts.fsync (here on the reactor's thread)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(temp, target)
         self.counts["fetched"] += 1
         self.counts["bytes"] += len(response.body)
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(name, type=int, required=True)
     parser.add_argument("--out", required=True, help="where the files go")
     parser.add_argument("--summary", required=True, help="JSON counts are written here")
+    parser.add_argument("--fsync", action="store_true", help="fsync each file before its rename, like the crawler")
     args = parser.parse_args(argv)
     process = CrawlerProcess(settings={
         "CONCURRENT_REQUESTS": args.hosts * args.inflight_per_host,
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "USER_AGENT": "crawler-bench-scrapy/0.1 (+mailto:operators@example.org)",
     })
     crawler = process.create_crawler(FigureSpider)
-    process.crawl(crawler, port=args.port, rows=args.rows, hosts=args.hosts, out=args.out)
+    process.crawl(crawler, port=args.port, rows=args.rows, hosts=args.hosts, out=args.out, fsync=args.fsync)
     process.start()
     counts = crawler.spider.counts
     Path(args.summary).write_text(json.dumps(counts))

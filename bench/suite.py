@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import platform
@@ -379,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
     settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
 
+    OUT.mkdir(exist_ok=True)
+    lock = open(OUT / "figures-bench.lock", "w")  # held until this process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # Two benches on two cores would measure each other, and they share one work folder.
+        print("bench: another `python -m bench` is running; try again when it has finished", file=sys.stderr)
+        return 2
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)  # a previous run's server may still be letting go of it
     print(f"bench ({'quick' if args.quick else 'full'}): starting an embedded PostgreSQL", flush=True)
