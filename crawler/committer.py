@@ -2,7 +2,11 @@
 
 Workers hand it files already renamed into place. It commits them at most `commit_batch` per
 commit (sooner after `commit_interval_s`, and on close), and only then turns each into a Change
-via a callback and flushes the sink. A crash between any two steps leaves a state the next run
+via a callback and flushes the sink. With `durable`, the files and the commit are flushed to
+disk (one syncfs) before any row is stamped: a stamp is the point after which a row is never
+fetched again, so what it points at must survive a power loss. It holds at most `max_pending` files: `add` registers the
+file at once, then waits while the backlog is full, so fetching never runs ahead of committing
+(memory stays flat however large the table, and a stop has a bounded backlog to commit). A crash between any two steps leaves a state the next run
 repairs: a file in place but uncommitted or unstamped is found on disk, committed and stamped
 without another download.
 """
@@ -17,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from . import files
 from .db import Change
 from .git import GitError, GitRepo
 from .sink import Sink
@@ -38,7 +43,7 @@ class PlacedFile:
 
 class Committer:
     def __init__(self, repo: GitRepo, sink: Sink, batch: int, interval_s: float, run_id: str,
-                 stamp: Callable[[PlacedFile, str], Change], what: str = "files") -> None:
+                 stamp: Callable[[PlacedFile, str], Change], what: str = "files", max_pending: int = 0, durable: bool = True) -> None:
         self._repo = repo
         self._sink = sink
         self._batch = batch
@@ -46,8 +51,11 @@ class Committer:
         self._run_id = run_id
         self._stamp = stamp
         self._what = what
+        self._durable = durable
+        self._max_pending = max(max_pending, batch)
         self._pending: list[PlacedFile] = []
         self._wake = asyncio.Event()
+        self._room = asyncio.Condition()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -59,10 +67,19 @@ class Committer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="committer")
 
-    def add(self, placed: PlacedFile) -> None:
+    async def add(self, placed: PlacedFile) -> None:
+        """Register a placed file, then wait while the backlog is full. The file is registered
+        before the wait, so a caller cancelled while waiting loses nothing."""
         self._pending.append(placed)
         if len(self._pending) >= self._batch:
             self._wake.set()
+        if len(self._pending) > self._max_pending and not self._closing:
+            async with self._room:
+                await self._room.wait_for(lambda: len(self._pending) <= self._max_pending or self._closing)
+
+    async def _made_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
 
     @property
     def pending(self) -> int:
@@ -91,6 +108,7 @@ class Committer:
                 del self._pending[: len(batch)]
                 waiting -= len(batch)
                 await self._commit(batch)
+                await self._made_room()
 
     async def _commit(self, batch: list[PlacedFile]) -> None:
         # One path may be placed twice in a batch only if two rows share it; commit it once.
@@ -98,6 +116,8 @@ class Committer:
         message = f"crawler: add {len(paths)} {self._what} (run {self._run_id})"
         try:
             commit = await self._repo.commit_paths(paths, message)
+            if self._durable:
+                await files.sync_to_disk([self._repo.root, await self._repo.git_dir()])
         except (GitError, OSError) as exc:
             # Files stay in place; their rows stay unstamped and the next run commits them.
             self.failed_files += len(batch)
@@ -119,6 +139,7 @@ class Committer:
         # only be repaired by the next run.
         self._closing = True
         self._wake.set()
+        await self._made_room()  # nobody waits for room on the way out
         if self._task is not None:
             await self._task
             self._task = None

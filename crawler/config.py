@@ -121,6 +121,7 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
         if not _IDENT.match(db[key]):
             raise bad(f"db.{key}", f"must be a plain SQL identifier, got {db[key]!r}")
     positive = [("db", "page_size"), ("db", "flush_rows"), ("artifacts", "commit_batch"),
+                ("artifacts", "max_uncommitted"),
                 ("http", "timeout_s"), ("http", "connect_timeout_s"), ("http", "max_bytes"),
                 ("http", "chunk_bytes"), ("run", "queue_rows"), ("report", "progress_interval_s"),
                 ("db", "flush_interval_s"), ("artifacts", "commit_interval_s")]

@@ -115,12 +115,11 @@ def make_session(http: dict[str, Any], resolver: GuardedResolver) -> aiohttp.Cli
 
 class Fetcher:
     def __init__(self, session: aiohttp.ClientSession, budgets: Budgets, resolver: GuardedResolver,
-                 http: dict[str, Any], fsync: bool, rng: random.Random | None = None) -> None:
+                 http: dict[str, Any], rng: random.Random | None = None) -> None:
         self.session = session
         self.budgets = budgets
         self.resolver = resolver
         self.http = http
-        self.fsync = fsync
         self.rng = rng or random.Random()
 
     async def fetch(self, url: str, temp_dir: Path, stem: str) -> FetchResult:
@@ -178,7 +177,7 @@ class Fetcher:
                 ext = self._check_image(head, ctype, url)
             if resp.content_length is not None and temp.size < resp.content_length:
                 raise _Done(FetchResult("transient", str(url), "truncated", 200))
-            await temp.close(self.fsync)
+            await temp.close()
         except BaseException:
             await temp.discard()
             raise

@@ -1,39 +1,47 @@
 """File-system steps: temporary files beside their target, atomic placement, hashing.
 
 A body is streamed into `.crawler-<stem>-<token>.part` in the target's directory (same file
-system, so the rename is atomic), fsynced, then renamed over the final name: a reader never
-sees a partial file under a canonical name, and a crash leaves at most a `.part` file that
-`remove_stale_parts` clears. Blocking calls run in worker threads, off the event loop.
+system, so the rename is atomic), then renamed over the final name: a reader never sees a
+partial file under a canonical name, and a crash leaves at most a `.part` file that
+`remove_stale_parts` clears. Durability is not bought file by file: `sync_to_disk` flushes
+the whole file system once per commit batch, after the commit and before the rows are stamped
+(see committer.py), which covers the files, their directory entries and git's objects and ref
+at the cost of one flush instead of one journal commit per file. Blocking calls run in worker
+threads, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
+import itertools
 import os
-import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiofiles
 
 PART_PREFIX = ".crawler-"
 PART_SUFFIX = ".part"
+# Unique per process and call: a `.part` name only has to differ from its neighbours' (and a
+# killed run's leftovers are removed at start), so a counter beats a random token.
+_PART_IDS = itertools.count()
 
 
 class TempFile:
     """A body on its way to a file, hashed and counted as it is written.
 
-    Held in memory up to `buffer_bytes`, spilled beyond that to `.crawler-<stem>-<token>.part`
+    Held in memory up to `buffer_bytes`, spilled beyond that to `.crawler-<stem>-<pid>-<n>.part`
     in `directory`. A small body (most figures) then reaches disk in one worker-thread hop in
-    `place_temp` (write, fsync, rename) instead of one hop per open, write, fsync and close."""
+    `place_temp` (write, rename) instead of one hop per open, write and close."""
 
     def __init__(self, directory: Path, stem: str, buffer_bytes: int = 0) -> None:
         self.directory = directory
-        self.name = f"{PART_PREFIX}{stem}-{secrets.token_hex(4)}{PART_SUFFIX}"
+        self.name = f"{PART_PREFIX}{stem}-{os.getpid()}-{next(_PART_IDS)}{PART_SUFFIX}"
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.buffer_bytes = buffer_bytes
-        self.fsync = False
         self.on_disk = False
         self._buffer: list[bytes] = []
         self._fh: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
@@ -60,14 +68,10 @@ class TempFile:
         assert self._fh is not None
         await self._fh.write(data)
 
-    async def close(self, fsync: bool) -> None:
-        """The body is complete; `fsync` says whether placing it must reach the disk first."""
-        self.fsync = fsync
+    async def close(self) -> None:
+        """The body is complete."""
         if self._fh is not None:
             fh, self._fh = self._fh, None
-            if fsync:
-                await fh.flush()
-                await asyncio.to_thread(os.fsync, fh.fileno())
             await fh.close()
 
     async def discard(self) -> None:
@@ -86,18 +90,54 @@ async def place_temp(temp: TempFile, final: Path) -> None:
     data = None if temp.on_disk else b"".join(temp._buffer)
 
     def _do() -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
         if data is None:
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp.path, final)
             return
         beside = final.parent / temp.name
-        with open(beside, "wb") as fh:
+        try:
+            fh = open(beside, "wb")
+        except FileNotFoundError:  # a new folder: one mkdir then, not one per file
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(beside, "wb")
+        with fh:
             fh.write(data)
-            if temp.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
         os.replace(beside, final)
 
+    await asyncio.to_thread(_do)
+
+
+def _syncfs(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is not None and hasattr(_LIBC, "syncfs"):
+            if _LIBC.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+        else:  # not Linux: flush everything
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+async def sync_to_disk(paths: Iterable[Path]) -> None:
+    """Flush each file system holding one of `paths` to stable storage (once per file system).
+
+    One syncfs after a batch of files and their commit costs one journal commit, where an fsync
+    per file costs one each; what it flushes besides (other writers' dirty pages) only adds time."""
+    def _do() -> None:
+        seen: set[int] = set()
+        for path in paths:
+            dev = os.stat(path).st_dev
+            if dev not in seen:
+                seen.add(dev)
+                _syncfs(path)
     await asyncio.to_thread(_do)
 
 

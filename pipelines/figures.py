@@ -85,7 +85,8 @@ class FigureJob:
                             cfg["artifacts"]["index_sync_commits"])
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
         self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],
-                                   cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures")
+                                   cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures",
+                                   cfg["artifacts"]["max_uncommitted"], cfg["artifacts"]["fsync"])
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._taken = 0
@@ -116,7 +117,7 @@ class FigureJob:
         plan = await self._plan()
         resolver = GuardedResolver(self.http["connect_to"], self.http["allow_private_addresses"])
         session = make_session(self.http, resolver)
-        self.fetcher = Fetcher(session, self.budgets, resolver, self.http, self.cfg["artifacts"]["fsync"])
+        self.fetcher = Fetcher(session, self.budgets, resolver, self.http)
         self.sink.start()
         self.committer.start()
         producers: list[asyncio.Task[None]] = []
@@ -254,7 +255,7 @@ class FigureJob:
             assert result.temp is not None and result.ext is not None
             rel = candidates[result.ext]
             await files.place_temp(result.temp, self.root / rel)
-            self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
+            await self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
                                           result.content_type or "", utcnow(), str(url)))
             self.tally.add(host, "fetched")
             log.info("row.outcome", artifact_id=row["id"], outcome="fetched", host=host, path=rel,
@@ -273,7 +274,7 @@ class FigureJob:
             log.warning("row.foreign_file", artifact_id=artifact_id, path=rel,
                         error="a file that is not the expected image sits at the canonical path; fetching anew")
             return False
-        self.committer.add(PlacedFile(artifact_id, rel, sha, size, media.KINDS[ext][0], utcnow(), url))
+        await self.committer.add(PlacedFile(artifact_id, rel, sha, size, media.KINDS[ext][0], utcnow(), url))
         self.tally.add(host, "fetched")
         self.tally.counts["adopted_from_disk"] += 1
         log.info("row.outcome", artifact_id=artifact_id, outcome="fetched", host=host, path=rel,

@@ -71,7 +71,8 @@ class RecoverJob:
         self.folder = Path(cfg["report"]["dir"]) / run_id
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
         self.committer = Committer(self.repo, self.sink, rec["commit_batch"], cfg["artifacts"]["commit_interval_s"],
-                                   run_id, self._stamp, "recovered files")
+                                   run_id, self._stamp, "recovered files", cfg["artifacts"]["max_uncommitted"],
+                                   cfg["artifacts"]["fsync"])
         self._stopping = False
         self.searched: dict[str, Any] = {"worktrees": 0, "tarballs": 0, "history": False}
         self.planned: list[dict[str, Any]] = []
@@ -270,7 +271,7 @@ class RecoverJob:
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
             await localsearch.copy_candidate(c, self.history, temp.path)
             await files.place(temp.path, target)
-        self.committer.add(PlacedFile(rid, rel, c.sha256 or "", c.size, "", utcnow(), c.where,
+        await self.committer.add(PlacedFile(rid, rel, c.sha256 or "", c.size, "", utcnow(), c.where,
                                       {"confidence": d.confidence, "approved": d.reason == "approved by an operator"}))
 
     async def _destination(self, e: Expectation, c: Candidate) -> str:

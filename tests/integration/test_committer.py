@@ -1,0 +1,119 @@
+"""The committer against a real repository and PostgreSQL: backpressure and the crash-safe order."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from crawler.committer import Committer, PlacedFile
+from crawler.git import GitRepo
+from crawler.sink import Sink, figure_fetched, utcnow
+from tests.harness import git
+from tests.integration.test_db import insert, open_db
+
+
+class GatedRepo(GitRepo):
+    """A real GitRepo whose commits wait for the test to open a gate, so a slow commit is
+    simulated without sleeping."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, 60, "crawler", "c@c")
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def commit_paths(self, paths, message):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        await self.gate.wait()
+        return await super().commit_paths(paths, message)
+
+
+def placed(repo: Path, n: int) -> PlacedFile:
+    rel = f"figures/f{n}.png"
+    (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+    (repo / rel).write_bytes(b"\x89PNG" + bytes([n]))
+    return PlacedFile(f"fig-{n}", rel, "0" * 64, 5, "image/png", utcnow(), f"http://x/{n}")
+
+
+def stamp(p: PlacedFile, commit: str):  # type: ignore[no-untyped-def]
+    return figure_fetched(p.artifact_id, p.rel_path, p.sha256, p.size, p.content_type, commit, p.fetched_at, p.source)
+
+
+async def spin() -> None:
+    """Let every ready task run (no timing involved: a blocked task stays blocked)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_add_waits_while_the_backlog_is_full_and_a_cancelled_wait_loses_nothing(repo, dsn):
+    await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(8)])
+    db = await open_db(dsn)
+    gated = GatedRepo(repo)
+    sink = Sink(db, "run-1", 100, 60)
+    committer = Committer(gated, sink, batch=2, interval_s=3600, run_id="run-1", stamp=stamp, max_pending=4)
+    committer.start()
+    try:
+        for n in range(4):  # within max_pending: no waiting
+            await asyncio.wait_for(committer.add(placed(repo, n)), 5)
+        await asyncio.wait_for(gated.entered.wait(), 5)  # a full batch woke the committer; its commit hangs
+        for n in (4, 5):
+            await asyncio.wait_for(committer.add(placed(repo, n)), 5)
+        assert committer.pending == 4
+
+        sixth = asyncio.create_task(committer.add(placed(repo, 6)))
+        await spin()
+        assert not sixth.done(), "add returned while the backlog was over max_pending"
+        assert committer.pending == 5  # registered before waiting
+
+        seventh = asyncio.create_task(committer.add(placed(repo, 7)))
+        await spin()
+        seventh.cancel()  # e.g. a worker cut off at the end of a stop's drain
+        await asyncio.gather(seventh, return_exceptions=True)
+        assert committer.pending == 6  # its file is still registered for a commit
+
+        gated.gate.set()  # the commit completes: room is made and the waiting add returns
+        await asyncio.wait_for(sixth, 5)
+    finally:
+        gated.gate.set()
+        await committer.close()
+        await sink.close()
+    try:
+        stamped = await db._pool.fetchval(
+            "select count(*) from artifacts where metadata->>'image_fetch_outcome' = 'fetched'")
+    finally:
+        await db.close()
+    committed = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+    assert committed == {f"figures/f{n}.png" for n in range(8)}
+    assert committer.committed_files == 8 and stamped == 8
+
+
+async def test_files_and_commit_reach_the_disk_after_the_commit_and_before_the_stamp(repo, dsn, monkeypatch):
+    """The order a power loss needs: file in place → commit → flush to disk → database stamp."""
+    from crawler import committer as committer_module
+    from crawler import files
+
+    await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(3)])
+    db = await open_db(dsn)
+    seen: list[tuple[set[str], int]] = []
+    real_sync = files.sync_to_disk
+
+    async def observed_sync(paths):  # type: ignore[no-untyped-def]
+        committed = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+        stamped = await db._pool.fetchval("select count(*) from artifacts where metadata ? 'file_commit'")
+        seen.append((committed, stamped))
+        await real_sync(paths)  # the real syncfs, on the real file system
+
+    monkeypatch.setattr(committer_module.files, "sync_to_disk", observed_sync)
+    sink = Sink(db, "run-1", 100, 60)
+    committer = Committer(GitRepo(repo, 60, "crawler", "c@c"), sink, batch=3, interval_s=3600, run_id="run-1",
+                          stamp=stamp, durable=True)
+    committer.start()
+    for n in range(3):
+        await committer.add(placed(repo, n))
+    await committer.close()
+    await sink.close()
+    try:
+        stamped = await db._pool.fetchval("select count(*) from artifacts where metadata ? 'file_commit'")
+    finally:
+        await db.close()
+    assert seen == [({f"figures/f{n}.png" for n in range(3)}, 0)]  # committed, not yet stamped
+    assert stamped == 3
