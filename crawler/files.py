@@ -173,13 +173,22 @@ async def hash_file(path: Path, head_bytes: int = 1024, chunk: int = 1 << 20) ->
     return await asyncio.to_thread(_hash, path, head_bytes, chunk)
 
 
-async def first_existing(root: Path, candidates: list[str]) -> str | None:
-    """The first relative path among `candidates` that is a regular file under root."""
-    def _do() -> str | None:
-        for rel in candidates:
-            if (root / rel).is_file():
-                return rel
-        return None
+async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[list[bool], list[str | None]]:
+    """For each (recorded path, candidate paths): whether the recorded path is a regular file
+    under root, and the first candidate that is. One thread hop for a whole page of rows; a
+    folder that does not exist is looked at once, not once per candidate in it."""
+    def _do() -> tuple[list[bool], list[str | None]]:
+        folders: dict[str, bool] = {}
+
+        def is_file(rel: str) -> bool:
+            folder = os.path.dirname(rel)
+            if folder not in folders:
+                folders[folder] = os.path.isdir(root / folder)
+            return folders[folder] and (root / rel).is_file()
+
+        present = [rec is not None and (root / rec).is_file() for rec, _ in rows]
+        found = [next((c for c in cands if is_file(c)), None) for _, cands in rows]
+        return present, found
     return await asyncio.to_thread(_do)
 
 

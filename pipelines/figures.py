@@ -200,15 +200,21 @@ class FigureJob:
                 if not rows:
                     break
                 after = rows[-1]["id"]
-                present = await files.existing(self.root, [r["file_path"] for r in rows
-                                                           if isinstance(r["file_path"], str) and r["file_path"]])
+                # Where each row's file would go, and what is already on disk, in one thread hop
+                # per page: a row never waits on the file system before its request.
                 for row in rows:
-                    if row["file_path"] in present:
+                    row["candidates"] = self._candidates(row)
+                present, on_disk = await files.look(self.root, [
+                    (r["file_path"] if isinstance(r["file_path"], str) and r["file_path"] else None,
+                     list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
+                for row, is_present, found in zip(rows, present, on_disk):
+                    if is_present:
                         self.tally.counts["present"] += 1
                         continue
                     if self.opts.limit is not None and self._taken >= self.opts.limit:
                         return
                     self._taken += 1
+                    row["on_disk"] = found
                     await queue.put(row)
         finally:
             if not self._stopping.is_set():
@@ -228,18 +234,28 @@ class FigureJob:
                 self._record(row["id"], host_of(row["image_url"]), FetchResult(
                     "transient", str(row["image_url"]), "local_error"))
 
+    def _candidates(self, row: dict[str, Any]) -> dict[str, str] | None:
+        """The row's canonical path for each image extension; None when the path would be unsafe."""
+        meta = {k: row[k] for k in ("paper_id", "pmcid", "figure_label")}
+        try:
+            return {ext: self._canonical(row["id"], meta, ext) for ext in media.EXTENSIONS}
+        except paths.PathError as exc:
+            row["path_error"] = ("failed", "unsafe_path", str(exc))
+        except Exception as exc:  # a site's resolver broke on this row: retryable, like local trouble
+            row["path_error"] = ("transient", "local_error", f"{type(exc).__name__}: {exc}")
+        return None
+
     async def _handle(self, row: dict[str, Any]) -> None:
         url = row["image_url"]
         host = host_of(url)
-        meta = {k: row[k] for k in ("paper_id", "pmcid", "figure_label")}
-        try:
-            candidates = {ext: self._canonical(row["id"], meta, ext) for ext in media.EXTENSIONS}
-        except paths.PathError as exc:
-            log.error("row.bad_path", artifact_id=row["id"], error=str(exc))
-            self._record(row["id"], host, FetchResult("failed", str(url), "unsafe_path"))
+        candidates = row["candidates"]
+        if candidates is None:
+            outcome, code, message = row["path_error"]
+            log.error("row.bad_path" if code == "unsafe_path" else "row.error", artifact_id=row["id"], error=message)
+            self._record(row["id"], host, FetchResult(outcome, str(url), code))
             return
         # A crash after the rename but before the stamp left the file in place: use it as it is.
-        on_disk = await files.first_existing(self.root, list(candidates.values()))
+        on_disk = row["on_disk"]
         if on_disk is not None and await self._adopt(row["id"], on_disk, host, str(url)):
             return
         if not isinstance(url, str):

@@ -1,0 +1,26 @@
+"""File-system steps on a real temporary directory."""
+
+from crawler import files
+
+
+async def test_look_finds_recorded_files_and_the_first_candidate_on_disk(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "dir.png").mkdir()  # a folder under a candidate's name is not a file
+    (tmp_path / "rec.png").write_bytes(b"r")
+    present, found = await files.look(tmp_path, [
+        ("rec.png", ["a/dir.png", "a/x.jpg"]),
+        ("missing.png", ["gone/x.png", "gone/x.jpg"]),
+        (None, []),
+    ])
+    assert present == [True, False, False]
+    assert found == ["a/x.jpg", None, None]
+
+
+async def test_sync_to_disk_flushes_each_file_system_once(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    flushed = []
+    real = files._syncfs
+    monkeypatch.setattr(files, "_syncfs", lambda path: (flushed.append(path), real(path)))
+    await files.sync_to_disk([tmp_path, tmp_path / "sub"])  # one file system: one real syncfs
+    assert flushed == [tmp_path]
