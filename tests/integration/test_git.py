@@ -65,3 +65,60 @@ async def test_a_run_leaves_no_shared_index_files_behind(repo):
     await ours.close()
     leftovers = [p.name for p in (repo / ".git").iterdir() if p.name.startswith(("sharedindex.", "crawler-index-"))]
     assert leftovers == [] and git(repo, "status", "--porcelain") == ""
+
+
+async def test_awkward_names_large_files_and_several_batches_commit_exactly(repo, monkeypatch):
+    from crawler import git as git_module
+    monkeypatch.setattr(git_module, "READ_WHOLE", 1000)  # the 5 kB file below is streamed
+    names = ["with space.png", 'quote"d.png', "ünïcode/fig 1.png", "back\\slash.png"]
+    for i, name in enumerate(names):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(bytes([i]) * (5000 if i == 0 else 10))
+    (repo / "unrelated.txt").write_text("the operator's own change, not ours\n")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    first, second = await ours.commit_batches([(names[:2], "one"), (names[2:], "two")])
+    await ours.close()
+    assert git(repo, "rev-parse", f"{second}^") == first
+    def changed(commit: str) -> list[str]:
+        return sorted(filter(None, git(repo, "diff-tree", "-z", "-r", "--no-commit-id", "--name-only", commit).split("\0")))
+    assert changed(first) == sorted(names[:2]) and changed(second) == sorted(names[2:])
+    assert git(repo, "cat-file", "-p", "HEAD:with space.png").encode("latin-1") == bytes([0]) * 5000
+    assert git(repo, "status", "--porcelain") == "?? unrelated.txt"
+    assert not list((repo / ".git").glob("fast_import_crash_*"))
+
+
+async def test_a_symlink_is_refused_and_nothing_is_committed(repo, tmp_path):
+    import pytest
+
+    from crawler.git import GitError
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (repo / "link.png").symlink_to(tmp_path / "outside.png")
+    head = git(repo, "rev-parse", "HEAD")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    with pytest.raises(GitError):
+        await ours.commit_paths(["link.png"], "no")
+    await ours.close()
+    assert git(repo, "rev-parse", "HEAD") == head
+
+
+async def test_a_dead_fast_import_is_restarted_for_the_next_batch(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    first = await ours.commit_paths(["a.png"], "one")
+    assert ours._importer is not None
+    ours._importer.kill()  # e.g. the OOM killer
+    await ours._importer.wait()
+    (repo / "b.png").write_bytes(b"b")
+    second = await ours.commit_paths(["b.png"], "two")
+    await ours.close()
+    assert git(repo, "rev-parse", f"{second}^") == first
+    assert git(repo, "show", "--name-only", "--format=", second) == "b.png"
+
+
+async def test_a_detached_head_is_refused_with_one_line(repo):
+    import pytest
+
+    from crawler.git import GitError
+    git(repo, "checkout", "-q", "--detach")
+    with pytest.raises(GitError, match="detached HEAD"):
+        await GitRepo(repo, 60, "crawler", "c@c").check()
