@@ -86,6 +86,14 @@ def notes(results: dict[str, Any]) -> list[str]:
            "spawn to exit; fetching: run start to the last row's outcome; commit tail: from there to the last commit",
            "CPU own: the measured process; CPU git: its children (git); CPU pg: the PostgreSQL server; "
            "CPU machine: all cores, everything included"]
+    if "machine" in s:
+        m = s["machine"]
+        out.append(f"machine ceilings: a bare aiohttp HEAD+GET loop (no database, files, hashing or commits) against "
+                   f"the same simulator does {m['bare']['rows_per_s']:,.0f} rows/s here (client CPU "
+                   f"{m['bare']['cpu_s']:.1f} s, simulator CPU {m['bare']['cpu_simulator_s']:.1f} s for "
+                   f"{m['bare']['rows']:,} rows); creating one 10 KB file (write, rename) costs {m['file_us']} us "
+                   f"({m['file_kernel_us']} us of kernel CPU), so files alone hold one core to "
+                   f"{1e6 / max(m['file_us'], 1):,.0f} rows/s")
     if "polite" in s:
         p = s["polite"]
         out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "

@@ -2,6 +2,8 @@
 against the upstream simulator running in a process of its own.
 
 Scenarios:
+  machine  what this machine allows at all: a bare aiohttp HEAD+GET loop against the same
+           simulator (no database, files or commits), and the cost of creating one 10 KB file
   lifted   budgets lifted, images only over 10 hosts: rows/s, CPU seconds, peak RSS
   memory   the same at a small and a large size: peak RSS must stay flat
   polite   the shipped budgets, mixed 404s and images: makespan / physical minimum
@@ -286,6 +288,34 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
     return result
 
 
+def machine_job(rows: int, settings: Settings) -> dict[str, Any]:
+    """The machine's own ceilings, measured the same way as the runs they explain."""
+    sim = Simulator()
+    try:
+        out = subprocess.run([PY, "-m", "bench.bare_run", "--port", str(sim.port), "--rows", str(rows),
+                              "--hosts", str(LIFTED_HOSTS), "--inflight-per-host", str(settings.inflight_per_host)],
+                             cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    finally:
+        sim_stats = sim.stop()
+    bare = json.loads(out.stdout.strip().splitlines()[-1])
+    bare["cpu_simulator_s"] = sim_stats["cpu_s"]
+    # One file per fetched row: a temporary file written, then renamed into a folder of five.
+    home = WORK / "files"
+    shutil.rmtree(home, ignore_errors=True)
+    body, count = os.urandom(10_000), 2_000
+    t0, w0 = os.times(), time.perf_counter()
+    for i in range(count):
+        folder = home / f"P{i // 5:07d}"
+        if i % 5 == 0:
+            folder.mkdir(parents=True)
+        with open(folder / f".f{i}.part", "wb") as fh:
+            fh.write(body)
+        os.replace(folder / f".f{i}.part", folder / f"f{i}.png")
+    wall, t1 = time.perf_counter() - w0, os.times()
+    shutil.rmtree(home, ignore_errors=True)
+    return {"bare": bare, "file_us": round(1e6 * wall / count), "file_kernel_us": round(1e6 * (t1.system - t0.system) / count)}
+
+
 def lifted_budgets(inflight: int) -> dict[str, Any]:
     lifted = {"max_inflight": inflight, "rate_per_s": LIFTED_RATE}
     return {name: dict(lifted) for name in ("default", "europepmc", "pmc")}
@@ -367,7 +397,7 @@ def scrapy_job(rows: int, settings: Settings, round_no: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: memory check at 10,000 vs 100,000 rows")
-    parser.add_argument("--only", default="lifted,memory,polite,scrapy", help="comma-separated scenarios to run")
+    parser.add_argument("--only", default="machine,lifted,memory,polite,scrapy", help="comma-separated scenarios to run")
     parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
                         help="artifacts.fsync for the crawler runs (default: on, as shipped)")
     parser.add_argument("--inflight-per-host", type=int, default=8, help="max_inflight of each lifted budget")
@@ -375,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(chosen) - {"lifted", "memory", "polite", "scrapy"}
+    unknown = set(chosen) - {"machine", "lifted", "memory", "polite", "scrapy"}
     if unknown:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
     settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
@@ -402,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     scenarios = results["scenarios"]
+    if "machine" in chosen:
+        print(f"machine: a bare aiohttp loop over {sizes.lifted_rows:,} rows; creating files", flush=True)
+        scenarios["machine"] = machine_job(sizes.lifted_rows, settings)
     if "lifted" in chosen:
         print(f"lifted: {sizes.lifted_rows:,} rows over {LIFTED_HOSTS} hosts", flush=True)
         scenarios["lifted"] = lifted_job(admin_dsn, "lifted", sizes.lifted_rows, settings)
