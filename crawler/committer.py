@@ -2,7 +2,7 @@
 
 Workers hand it files already renamed into place. It commits them at most `commit_batch` per
 commit (sooner after `commit_interval_s`, and on close), and only then turns each into a Change
-via a callback and flushes the sink. With `durable`, the files and the commit are flushed to
+via a callback handed to the sink. With `durable`, the files and the commit are flushed to
 disk (one syncfs) before any row is stamped: a stamp is the point after which a row is never
 fetched again, so what it points at must survive a power loss. It holds at most `max_pending` files: `add` registers the
 file at once, then waits while the backlog is full, so fetching never runs ahead of committing
@@ -40,6 +40,7 @@ class PlacedFile:
     fetched_at: datetime
     source: str  # the URL (or location) it came from
     extra: dict[str, Any] | None = None
+    data: bytes | None = None  # the bytes placed, when small enough to keep until the commit
 
 
 class Committer:
@@ -125,7 +126,8 @@ class Committer:
         files_in = sum(len(batch) for batch in group)
         t0 = time.monotonic()
         try:
-            commits = await self._repo.commit_batches(list(zip(batches, messages)))
+            known = {p.rel_path: p.data for batch in group for p in batch if p.data is not None}
+            commits = await self._repo.commit_batches(list(zip(batches, messages)), known)
             t1 = time.monotonic()
             if self._durable:
                 await files.sync_to_disk([self._repo.root, await self._repo.git_dir()])
@@ -138,17 +140,15 @@ class Committer:
         t2 = time.monotonic()
         self.commits += len(commits)
         self.committed_files += files_in
+        # Stamps go to the sink, which writes them in its own batches: the next commit need not
+        # wait for this one's database round trip (the order file → commit → stamp holds per row).
         for batch, commit in zip(group, commits):
             for placed in batch:
                 self._sink.record(self._stamp(placed, commit))
-        try:
-            await self._sink.flush()
-        except Exception as exc:  # the stamps stay buffered in the sink, which keeps trying
-            log.error("batch.stamp_delayed", files=files_in, error=str(exc))
-        # Where the time goes (git, the disk flush, the stamps; shared by the commits made together):
-        # what to tune when commits lag.
-        timing = {"git_ms": round(1000 * (t1 - t0)), "sync_ms": round(1000 * (t2 - t1)),
-                  "stamp_ms": round(1000 * (time.monotonic() - t2)), "together": len(commits)}
+        self._sink.wake()
+        # Where the time goes (git, the disk flush; shared by the commits made together): what to
+        # tune when commits lag.
+        timing = {"git_ms": round(1000 * (t1 - t0)), "sync_ms": round(1000 * (t2 - t1)), "together": len(commits)}
         for paths, commit in zip(batches, commits):
             log.info("batch.committed", commit=commit, files=len(paths), **timing)
 

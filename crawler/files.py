@@ -13,6 +13,7 @@ threads, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import hashlib
 import itertools
@@ -27,6 +28,10 @@ PART_SUFFIX = ".part"
 # Unique per process and call: a `.part` name only has to differ from its neighbours' (and a
 # killed run's leftovers are removed at start), so a counter beats a random token.
 _PART_IDS = itertools.count()
+# Placing files gets threads of its own: never queued behind other blocking work (hashing, git
+# reads), and no more of them than cores, as creating files in one folder serialises in the
+# kernel anyway (more threads only spin on the folder's lock).
+_PLACERS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="place")
 
 
 class TempFile:
@@ -85,8 +90,9 @@ class TempFile:
                 await asyncio.to_thread(self.path.unlink, True)
 
 
-async def place_temp(temp: TempFile, final: Path) -> None:
-    """Put a closed TempFile's body at `final` atomically (temporary file beside it, rename)."""
+async def place_temp(temp: TempFile, final: Path) -> bytes | None:
+    """Put a closed TempFile's body at `final` atomically (temporary file beside it, rename).
+    Returns the body when it was held in memory (None when it had spilled to disk)."""
     data = None if temp.on_disk else b"".join(temp._buffer)
 
     def _do() -> None:
@@ -104,7 +110,8 @@ async def place_temp(temp: TempFile, final: Path) -> None:
             fh.write(data)
         os.replace(beside, final)
 
-    await asyncio.to_thread(_do)
+    await asyncio.get_running_loop().run_in_executor(_PLACERS, _do)
+    return data
 
 
 def _syncfs(path: Path) -> None:

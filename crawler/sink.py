@@ -124,6 +124,10 @@ class Sink:
         if len(self._buffer) >= self._flush_rows:
             self._wake.set()
 
+    def wake(self) -> None:
+        """Write what is buffered now rather than at the next interval."""
+        self._wake.set()
+
     async def _loop(self) -> None:
         while not self._closing:
             try:

@@ -39,6 +39,7 @@ from crawler.sink import Sink, iso, utcnow
 log = structlog.get_logger()
 
 UNPARSEABLE = "(unparseable)"
+KEEP_FOR_COMMIT = 64 << 10  # at most artifacts.max_uncommitted of these are held: 25 MiB at the default
 _STOP = object()
 
 
@@ -270,9 +271,11 @@ class FigureJob:
         if result.outcome == "fetched":
             assert result.temp is not None and result.ext is not None
             rel = candidates[result.ext]
-            await files.place_temp(result.temp, self.root / rel)
+            body = await files.place_temp(result.temp, self.root / rel)
+            # Small bodies ride along to the commit, which then need not read them back.
+            keep = body if body is not None and len(body) <= KEEP_FOR_COMMIT else None
             await self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
-                                          result.content_type or "", utcnow(), str(url)))
+                                                result.content_type or "", utcnow(), str(url), data=keep))
             self.tally.add(host, "fetched")
             log.info("row.outcome", artifact_id=row["id"], outcome="fetched", host=host, path=rel,
                      size=result.temp.size, requests=result.requests)

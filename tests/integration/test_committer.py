@@ -21,10 +21,10 @@ class GatedRepo(GitRepo):
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def commit_batches(self, batches):  # type: ignore[no-untyped-def]
+    async def commit_batches(self, batches, known=None):  # type: ignore[no-untyped-def]
         self.entered.set()
         await self.gate.wait()
-        return await super().commit_batches(batches)
+        return await super().commit_batches(batches, known)
 
 
 def placed(repo: Path, n: int) -> PlacedFile:

@@ -106,8 +106,8 @@ async def test_a_dead_fast_import_is_restarted_for_the_next_batch(repo):
     (repo / "a.png").write_bytes(b"a")
     first = await ours.commit_paths(["a.png"], "one")
     assert ours._importer is not None
-    ours._importer.kill()  # e.g. the OOM killer
-    await ours._importer.wait()
+    ours._importer.proc.kill()  # e.g. the OOM killer
+    ours._importer.proc.wait()
     (repo / "b.png").write_bytes(b"b")
     second = await ours.commit_paths(["b.png"], "two")
     await ours.close()
@@ -122,3 +122,14 @@ async def test_a_detached_head_is_refused_with_one_line(repo):
     git(repo, "checkout", "-q", "--detach")
     with pytest.raises(GitError, match="detached HEAD"):
         await GitRepo(repo, 60, "crawler", "c@c").check()
+
+
+async def test_bytes_handed_over_are_committed_and_an_unchanged_file_makes_no_commit(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "k.png").write_bytes(b"placed bytes")
+    (first,) = await ours.commit_batches([(["k.png"], "one")], {"k.png": b"placed bytes"})
+    (again,) = await ours.commit_batches([(["k.png"], "two")], {"k.png": b"placed bytes"})
+    await ours.close()
+    assert again == first == git(repo, "rev-parse", "HEAD")
+    assert git(repo, "cat-file", "-p", "HEAD:k.png") == "placed bytes"
+    assert git(repo, "status", "--porcelain") == ""
