@@ -94,6 +94,25 @@ def contain(root: Path, relative: str) -> str:
     return norm
 
 
+def contain_all(root: Path, relatives: list[str]) -> list[str]:
+    """`contain` for several paths. Siblings (one folder, plain file names: a row's candidates
+    for each extension) are checked through the first one alone: the folder is what could
+    leave the root, and a plain name cannot."""
+    if not relatives:
+        return []
+    first = contain(root, relatives[0])
+    folder, _, _ = relatives[0].rpartition("/")
+    out = [first]
+    for rel in relatives[1:]:
+        parent, _, name = rel.rpartition("/")
+        plain = name not in ("", ".", "..") and "\x00" not in name and not (parent == "" and name == ".git")
+        if parent == folder and plain:
+            out.append(f"{first.rpartition('/')[0]}/{name}" if "/" in first else name)
+        else:
+            out.append(contain(root, rel))
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _parent_inside(root: str, parent: str) -> bool:
     """Whether root/parent resolves inside root. Cached: rows share directories, and resolving

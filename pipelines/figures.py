@@ -239,7 +239,9 @@ class FigureJob:
         """The row's canonical path for each image extension; None when the path would be unsafe."""
         meta = {k: row[k] for k in ("paper_id", "pmcid", "figure_label")}
         try:
-            return {ext: self._canonical(row["id"], meta, ext) for ext in media.EXTENSIONS}
+            fields = paths.figure_fields(row["id"], meta, "")
+            rels = [self.resolve_path({**fields, "ext": ext}) for ext in media.EXTENSIONS]
+            return dict(zip(media.EXTENSIONS, paths.contain_all(self.root, rels)))
         except paths.PathError as exc:
             row["path_error"] = ("failed", "unsafe_path", str(exc))
         except Exception as exc:  # a site's resolver broke on this row: retryable, like local trouble
@@ -281,10 +283,6 @@ class FigureJob:
                      size=result.temp.size, requests=result.requests)
             return
         self._record(row["id"], host, result)
-
-    def _canonical(self, artifact_id: str, meta: dict[str, Any], ext: str) -> str:
-        fields = paths.figure_fields(artifact_id, meta, ext)
-        return paths.contain(self.root, self.resolve_path(fields))
 
     async def _adopt(self, artifact_id: str, rel: str, host: str, url: str) -> bool:
         sha, size, head = await files.hash_file(self.root / rel)

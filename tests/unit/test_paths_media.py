@@ -124,3 +124,24 @@ def test_artifact_ids_map_to_distinct_files(tmp_path):
     rels = {canonical(tmp_path, i, {"paper_id": "P"}) for i in ids}
     assert len(rels) == len(ids)
     assert canonical(tmp_path, "fig-000001", {"paper_id": "P"}) == "figures/papers/P/fig-000001.png"
+
+
+def test_contain_all_agrees_with_contain_path_by_path(tmp_path):
+    import pytest
+
+    from crawler import paths
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "out").symlink_to("/")  # a link already on disk leading out of the root
+    cases = [["a/b/c.png", "a/b/c.jpg"], ["c.png", "c.jpg"], ["./a/../b/x.png", "./a/../b/x.jpg"],
+             ["a//b/x.png", "a//b/x.jpg"], ["a/b/x.png", "z/x.jpg"], ["x.png", ".git"]]
+    for rels in cases:
+        try:
+            expected = [paths.contain(tmp_path, r) for r in rels]
+        except paths.PathError:
+            with pytest.raises(paths.PathError):
+                paths.contain_all(tmp_path, rels)
+            continue
+        assert paths.contain_all(tmp_path, rels) == expected
+    for escaping in (["../x.png", "../x.jpg"], ["out/x.png", "out/x.jpg"], ["/etc/x.png", "/etc/x.jpg"]):
+        with pytest.raises(paths.PathError):
+            paths.contain_all(tmp_path, escaping)
