@@ -131,20 +131,32 @@ class Committer:
             t1 = time.monotonic()
             if self._durable:
                 await files.sync_to_disk([self._repo.root, await self._repo.git_dir()])
-        except (GitError, OSError) as exc:
+        except Exception as exc:  # git, the disk, or a bug: never the end of the committer
             # Files stay in place; their rows stay unstamped and the next run commits them.
             self.failed_files += files_in
             self.failed_ids.update(p.artifact_id for batch in group for p in batch)
-            log.error("batch.commit_failed", files=files_in, error=str(exc))
+            error = str(exc) if isinstance(exc, (GitError, OSError)) else f"{type(exc).__name__}: {exc}"
+            log.error("batch.commit_failed", files=files_in, error=error)
             return
+        finally:
+            for warning in self._repo.warnings:
+                log.warning("repo.warning", error=warning)
+            self._repo.warnings.clear()
         t2 = time.monotonic()
-        self.commits += len(commits)
-        self.committed_files += files_in
+        refused = self._repo.refused
         # Stamps go to the sink, which writes them in its own batches: the next commit need not
         # wait for this one's database round trip (the order file → commit → stamp holds per row).
         for batch, commit in zip(group, commits):
             for placed in batch:
+                if placed.rel_path in refused:  # left out of the commit: not stamped, retried next run
+                    self.failed_files += 1
+                    self.failed_ids.add(placed.artifact_id)
+                    log.error("batch.file_refused", artifact_id=placed.artifact_id, path=placed.rel_path,
+                              error=refused[placed.rel_path])
+                    continue
+                self.committed_files += 1
                 self._sink.record(self._stamp(placed, commit))
+        self.commits += len(set(commits))
         self._sink.wake()
         # Where the time goes (git, the disk flush; shared by the commits made together): what to
         # tune when commits lag.

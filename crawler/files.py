@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import itertools
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -162,22 +163,30 @@ async def place(temp: Path, final: Path) -> None:
     await asyncio.to_thread(_do)
 
 
-def _hash(path: Path, head_bytes: int, chunk: int) -> tuple[str, int, bytes]:
+def _hash(path: Path, head_bytes: int, chunk: int, tail_bytes: int = 0) -> tuple[str, int, bytes, bytes]:
     h = hashlib.sha256()
     size = 0
-    head = b""
+    head = tail = b""
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             if len(head) < head_bytes:
                 head += block[: head_bytes - len(head)]
+            if tail_bytes:
+                tail = (tail + block)[-tail_bytes:]
             h.update(block)
             size += len(block)
-    return h.hexdigest(), size, head
+    return h.hexdigest(), size, head, tail
 
 
 async def hash_file(path: Path, head_bytes: int = 1024, chunk: int = 1 << 20) -> tuple[str, int, bytes]:
     """(sha256 hex, size, first `head_bytes`) of a file, read in a worker thread."""
-    return await asyncio.to_thread(_hash, path, head_bytes, chunk)
+    sha, size, head, _ = await asyncio.to_thread(_hash, path, head_bytes, chunk)
+    return sha, size, head
+
+
+async def hash_file_ends(path: Path, head_bytes: int = 1024, tail_bytes: int = 64) -> tuple[str, int, bytes, bytes]:
+    """(sha256 hex, size, first `head_bytes`, last `tail_bytes`) of a file, in a worker thread."""
+    return await asyncio.to_thread(_hash, path, head_bytes, 1 << 20, tail_bytes)
 
 
 async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[list[bool], list[str | None]]:
@@ -191,9 +200,18 @@ async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[li
             folder = os.path.dirname(rel)
             if folder not in folders:
                 folders[folder] = os.path.isdir(root / folder)
-            return folders[folder] and (root / rel).is_file()
+            return folders[folder] and regular(rel)
 
-        present = [rec is not None and (root / rec).is_file() for rec, _ in rows]
+        def regular(rel: str) -> bool:
+            # A regular file itself, not a link to one (which could lead anywhere). A path the
+            # system refuses to look at (too long, no permission) counts as absent here; the
+            # row then meets the same error where it is handled, alone.
+            try:
+                return stat.S_ISREG(os.lstat(root / rel).st_mode)
+            except (OSError, ValueError):
+                return False
+
+        present = [rec is not None and regular(rec) for rec, _ in rows]
         found = [next((c for c in cands if is_file(c)), None) for _, cands in rows]
         return present, found
     return await asyncio.to_thread(_do)

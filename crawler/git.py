@@ -33,7 +33,10 @@ from typing import Any
 # fast-import's settings: zlib level 1 (figures are compressed already; gc can recompress) and
 # every blob stored whole, as deltas against the previous, unrelated file cost time and gain
 # nothing (trees are still stored as deltas, which keeps a commit's rewritten folder small).
-FAST_IMPORT = ["-c", "pack.compression=1", "fast-import", "--quiet", "--big-file-threshold=1k"]
+# It writes to a ref of its own (--force: that ref may jump to wherever the branch is); the
+# branch itself is moved by update-ref with compare-and-swap.
+FAST_IMPORT = ["-c", "pack.compression=1", "fast-import", "--quiet", "--force", "--big-file-threshold=1k"]
+LS_CHUNK = 200  # `ls` questions in flight at once: their answers must fit the pipe back
 READ_WHOLE = 8 << 20  # files up to this size are read in one go; larger ones are streamed twice
 
 
@@ -55,6 +58,8 @@ class GitRepo:
         # subprocess calls: on the event loop each of their dozen steps waited behind every
         # worker's callbacks (a 100-file commit took ~1 s there, ~60 ms here).
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self.warnings: list[str] = []  # said by the git thread, logged by the caller
+        self.refused: dict[str, str] = {}  # paths the last commit_batches left out, and why
         self._unsynced: list[str] = []        # committed paths the checkout's index has not learnt
         self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
@@ -130,6 +135,7 @@ class GitRepo:
         if "GIT_DIR" not in self._env:
             await self.check()
         async with self._lock:
+            self.refused = {}
             gitdir = await self.git_dir()
             if not gitdir.is_dir():
                 raise GitError(f"the repository {gitdir} is gone; nothing was committed")
@@ -158,11 +164,12 @@ class GitRepo:
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
             raise GitError(f"git {args[0]} failed: {first[0] if first else proc.returncode}")
-        return proc.stdout.decode(errors="replace").strip()
+        return proc.stdout.decode(errors="surrogateescape").strip()
 
-    def _head_now(self) -> str | None:
+    def _tip_now(self) -> str | None:
+        """Where the branch we commit to is now (None: not born yet)."""
         try:
-            return self._git("rev-parse", "--verify", "-q", "HEAD")
+            return self._git("rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}")
         except GitError:
             return None
 
@@ -171,31 +178,43 @@ class GitRepo:
         lock_fd = _flock(gitdir / "crawler-commit.lock")
         try:
             every = [p for paths, _ in batches for p in paths]
-            _append(gitdir / UNSYNCED, b"".join(p.encode() + b"\0" for p in every))
-            for _attempt in range(3):  # someone else may move the branch between our read and the checkpoint
-                head = self._head_now()
+            _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
+            for _attempt in range(3):  # someone else may move the branch between our read and our update
+                tip = self._tip_now()
                 if self._importer is not None and not self._importer.alive():
                     self._importer.stop(kill=True)  # died between batches (killed, out of memory)
                     self._importer = None
                 if self._importer is None:
-                    self._importer = _FastImport(self.root, self._env, self.timeout_s)
+                    self._importer = _FastImport(self.root, self._env, self.timeout_s, self._private_ref())
                 try:
-                    made = self._importer.commit(self._branch or "", head, batches, self.root, known)
+                    made = self._importer.commit(tip, batches, self.root, known)
+                    self.refused = dict(self._importer.refused)
                 except BaseException:
                     self._importer.stop(kill=True)  # never let a half-written commit be finished
                     self._importer = None
                     raise
-                if self._head_now() == made[-1]:
-                    self._unsynced.extend(every)
-                    self._commits_since_sync += len(batches)
-                    if self._commits_since_sync >= self.index_sync_commits:
+                if made[-1] != tip:
+                    # fast-import wrote to a ref of its own; the branch moves only from exactly
+                    # where we read it (compare-and-swap), never over anyone's newer or older tip.
+                    try:
+                        self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
+                    except GitError:
+                        continue  # moved meanwhile: build again on where it is now
+                self._unsynced.extend(every)
+                self._commits_since_sync += len(batches)
+                if self._commits_since_sync >= self.index_sync_commits:
+                    try:
                         self._sync_real_index()
-                    return made
-                # fast-import refused a non-fast-forward: the branch moved under us. Start again on it.
-                self._importer.tip = None
+                    except GitError as exc:  # the commits stand; `git status` lags until a later sync
+                        self.warnings.append(f"the checkout's index was not updated: {exc}")
+                        self._commits_since_sync = 0
+                return made
             raise GitError("the branch kept moving while committing; try again")
         finally:
             os.close(lock_fd)
+
+    def _private_ref(self) -> str:
+        return f"refs/crawler/import-{os.getpid()}-{id(self)}"
 
     def _sync_real_index(self) -> None:
         """Teach the checkout's own index the committed entries of our paths (this run's, and any
@@ -205,20 +224,26 @@ class GitRepo:
         intent = self._git_dir / UNSYNCED
         wanted = sorted(set(self._unsynced) | set(_read_paths(intent)))
         if wanted:
-            held: list[str] = []
+            # The committed entries themselves (mode, blob, path), not whatever is on disk now.
+            entries: list[str] = []
             for i in range(0, len(wanted), 500):  # pathspecs on the command line, in slices
-                listed = self._git("ls-tree", "-r", "--name-only", "-z", "HEAD", "--", *wanted[i:i + 500])
-                held += [p for p in listed.split("\0") if p]
-            if held:
-                self._git("update-index", "--add", "-z", "--stdin", stdin=b"".join(p.encode() + b"\0" for p in held))
+                listed = self._git("ls-tree", "-r", "-z", "HEAD", "--", *wanted[i:i + 500])
+                entries += [e for e in listed.split("\0") if e]
+            if entries:
+                self._git("update-index", "-z", "--index-info",
+                          stdin=b"".join(_bytes(e) + b"\0" for e in entries))
         intent.unlink(missing_ok=True)
         self._unsynced.clear()
         self._commits_since_sync = 0
 
     def _close_on_thread(self, gitdir: Path) -> None:
         if self._importer is not None:
-            self._importer.stop(kill=False)
+            self._importer.stop(kill=False)  # everything it wrote is checkpointed and published
             self._importer = None
+        try:
+            self._git("update-ref", "-d", self._private_ref())
+        except GitError:
+            pass  # never created
         lock_fd = _flock(gitdir / "crawler-commit.lock")
         try:
             if self._unsynced or (gitdir / UNSYNCED).exists():
@@ -249,6 +274,11 @@ class GitRepo:
         if head is None or not await self.holds(head, paths):
             raise GitError(f"artifacts.commit_command did not commit the {len(paths)} files it was given")
         return head
+
+
+def _bytes(text: str) -> bytes:
+    """A path as git has it: our str paths carry undecodable bytes as surrogates."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 UNSYNCED = "crawler-unsynced"  # paths committed, or about to be, that the checkout's index may lack
@@ -306,15 +336,17 @@ def _quote(path: str) -> bytes:
 class _FastImport:
     """One `git fast-import` process and the conversation with it (blocking; on the git thread)."""
 
-    def __init__(self, root: Path, env: dict[str, str], timeout_s: float) -> None:
+    def __init__(self, root: Path, env: dict[str, str], timeout_s: float, ref: str) -> None:
         self.proc = subprocess.Popen(["git", *FAST_IMPORT], cwd=root, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
         self.out = self.proc.stdin
         self.timeout_s = timeout_s
+        self.ref = ref
         self._committer = f"committer {env['GIT_COMMITTER_NAME']} <{env['GIT_COMMITTER_EMAIL']}>".encode()
-        self.tip: str | None = None  # the branch tip as fast-import knows it
+        self.tip: str | None = None  # where fast-import's ref is
         self.marks = 0
+        self.refused: dict[str, str] = {}  # path → why, for the last commit() call
         self._pending = b""
         self._errors: collections.deque[str] = collections.deque(maxlen=20)
         self._err_reader = threading.Thread(target=self._read_errors, args=(self.proc.stderr,), daemon=True)
@@ -348,25 +380,56 @@ class _FastImport:
         line, _, self._pending = self._pending.partition(b"\n")
         return line.decode(errors="replace")
 
-    def commit(self, branch: str, head: str | None, batches: Sequence[tuple[Sequence[str], str]],
-               root: Path, known: Mapping[str, bytes]) -> list[str]:
-        """One commit per batch on top of `head`, then a checkpoint; their ids (a batch changing
-        nothing makes no commit and yields the id before it)."""
+    def commit(self, tip: str | None, batches: Sequence[tuple[Sequence[str], str]], root: Path,
+               known: Mapping[str, bytes]) -> list[str]:
+        """One commit per batch on top of `tip`, then a checkpoint; their ids. A batch changing
+        nothing makes no commit and yields the id before it. A path that cannot be committed (gone,
+        not a regular file, unreadable) is left out and named in `refused`; the rest go ahead."""
+        # Writes into a pipe have no timeout of their own: past the deadline the process is
+        # killed, and a blocked write fails.
+        watchdog = threading.Timer(self.timeout_s * (1 + len(batches)), self.proc.kill)
+        watchdog.start()
+        try:
+            return self._commit(tip, batches, root, known)
+        except (BrokenPipeError, ValueError):
+            raise self.failed("stopped while being written to") from None
+        finally:
+            watchdog.cancel()
+
+    def _commit(self, tip: str | None, batches: Sequence[tuple[Sequence[str], str]], root: Path,
+                known: Mapping[str, bytes]) -> list[str]:
+        self.refused = {}
+        described: list[tuple[list[_Blob], str]] = []
+        for paths, message in batches:  # every file looked at before anything is written
+            blobs = []
+            for p in paths:
+                try:
+                    blobs.append(_Blob(root, p, known.get(p)))
+                except (GitError, OSError) as exc:
+                    self.refused[p] = str(exc)
+            described.append((blobs, message))
         out = self.out
         made: list[str] = []
-        tip = head
-        for paths, message in batches:
-            blobs = [_Blob(root, p, known.get(p)) for p in paths]
+        for blobs, message in described:
+            if not blobs:
+                if tip is None:
+                    raise GitError("nothing could be committed on an empty branch")
+                made.append(tip)
+                continue
             self.marks += 1
-            msg = message.encode()
-            out.write(f"commit {branch}\nmark :{self.marks}\n".encode())
+            msg = message.encode("utf-8", "surrogateescape")
+            out.write(f"commit {self.ref}\nmark :{self.marks}\n".encode())
             out.write(self._committer + b" %d +0000\ndata %d\n%s\n" % (int(time.time()), len(msg), msg))
-            if tip != self.tip:  # fast-import's branch is not where HEAD is: move it there
-                out.write(b"from %s\n" % tip.encode() if tip else b"")
-            # What the parent holds at these paths (answered from fast-import's in-memory tree).
-            out.write(b"".join(b"ls %s\n" % b.quoted for b in blobs))
-            out.flush()
-            changed = [b for b in blobs if self.reply().split("\t", 1)[0] != b.listing]
+            if tip != self.tip and tip is not None:  # build on the branch, wherever it is now
+                out.write(b"from %s\n" % tip.encode())
+            # What the parent holds at these paths (from fast-import's in-memory tree), asked a
+            # chunk at a time so the answers never fill the pipe while we are still asking.
+            changed: list[_Blob] = []
+            for i in range(0, len(blobs), LS_CHUNK):
+                chunk = blobs[i:i + LS_CHUNK]
+                out.write(b"".join(b"ls %s\n" % b.quoted for b in chunk))
+                out.flush()
+                changed += [b for b in chunk if self.reply().split("\t", 1)[0] != b.listing]
             for b in changed:
                 out.write(b"M %s inline %s\ndata %d\n" % (b.mode, b.quoted, b.size))
                 if b.data is not None:
@@ -375,10 +438,12 @@ class _FastImport:
                     _stream_into(out, root / b.path, b.size)
                 out.write(b"\n")
             out.write(b"\n")
-            if not changed:  # nothing new: drop the empty commit, the branch stays where it was
+            if not changed:
+                # Nothing new: the empty commit just written stays unreferenced (gc drops it)
+                # and our ref goes back to where it was.
                 if tip is None:
                     raise GitError("nothing to commit on an empty branch")
-                out.write(f"reset {branch}\nfrom {tip}\n\n".encode())
+                out.write(f"reset {self.ref}\nfrom {tip}\n\n".encode())
                 self.tip = tip
                 made.append(tip)
                 continue

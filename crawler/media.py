@@ -43,6 +43,28 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+TAIL_BYTES = 64
+
+
+def looks_complete(ext: str, head: bytes, tail: bytes, size: int) -> bool:
+    """Whether a file of this format ends where the format says it ends. A file found at its
+    canonical path after a crash or power loss may have been cut short (files are flushed to disk
+    per commit, not per file); one that fails this is fetched again rather than adopted. TIFF has
+    no end marker, so a TIFF found on disk is never trusted."""
+    if ext == ".png":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if ext == ".jpg":
+        return b"\xff\xd9" in tail  # the end-of-image marker (some writers pad after it)
+    if ext == ".gif":
+        return tail.rstrip(b"\x00").endswith(b";")
+    if ext == ".webp":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return size in (declared, declared + 1)
+    if ext == ".svg":
+        return b"</svg>" in tail.lower()
+    return False
+
+
 def media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 

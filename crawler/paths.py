@@ -88,6 +88,8 @@ def contain(root: Path, relative: str) -> str:
         raise PathError(f"path {relative!r} leaves the artifacts root")
     if norm.split(os.sep)[0] == ".git":
         raise PathError(f"path {relative!r} is inside .git")
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in norm.split(os.sep)):
+        raise PathError(f"path {relative[:80]!r}... has a name longer than 255 bytes")
     # Symlinks already on disk could still lead out: compare the resolved parent with the root.
     if not _parent_inside(str(root), os.path.dirname(norm)):
         raise PathError(f"path {relative!r} leaves the artifacts root through a link")
@@ -102,12 +104,17 @@ def contain_all(root: Path, relatives: list[str]) -> list[str]:
         return []
     first = contain(root, relatives[0])
     folder, _, _ = relatives[0].rpartition("/")
+    first_folder, slash, _ = first.rpartition("/")
     out = [first]
     for rel in relatives[1:]:
+        if not isinstance(rel, str) or rel.startswith("/"):
+            out.append(contain(root, rel))  # refused there, with its own message
+            continue
         parent, _, name = rel.rpartition("/")
-        plain = name not in ("", ".", "..") and "\x00" not in name and not (parent == "" and name == ".git")
+        plain = (name not in ("", ".", "..") and "\x00" not in name and len(name.encode("utf-8", "surrogateescape")) <= 255
+                 and not (not slash and name == ".git"))  # judged where the first one landed
         if parent == folder and plain:
-            out.append(f"{first.rpartition('/')[0]}/{name}" if "/" in first else name)
+            out.append(f"{first_folder}/{name}" if slash else name)
         else:
             out.append(contain(root, rel))
     return out

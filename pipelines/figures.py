@@ -39,7 +39,9 @@ from crawler.sink import Sink, iso, utcnow
 log = structlog.get_logger()
 
 UNPARSEABLE = "(unparseable)"
-KEEP_FOR_COMMIT = 64 << 10  # at most artifacts.max_uncommitted of these are held: 25 MiB at the default
+# Bodies up to this size ride along to their commit. At most about 2 × artifacts.max_uncommitted
+# + workers are held (waiting, and being committed): under 30 MiB at the defaults.
+KEEP_FOR_COMMIT = 32 << 10
 _STOP = object()
 
 
@@ -285,11 +287,15 @@ class FigureJob:
         self._record(row["id"], host, result)
 
     async def _adopt(self, artifact_id: str, rel: str, host: str, url: str) -> bool:
-        sha, size, head = await files.hash_file(self.root / rel)
+        sha, size, head, tail = await files.hash_file_ends(self.root / rel, tail_bytes=media.TAIL_BYTES)
         ext = media.sniff(head)
         if ext is None or not rel.endswith(ext):
             log.warning("row.foreign_file", artifact_id=artifact_id, path=rel,
                         error="a file that is not the expected image sits at the canonical path; fetching anew")
+            return False
+        if not media.looks_complete(ext, head, tail, size):
+            log.warning("row.incomplete_file", artifact_id=artifact_id, path=rel,
+                        error="the file at the canonical path may have been cut short; fetching anew")
             return False
         await self.committer.add(PlacedFile(artifact_id, rel, sha, size, media.KINDS[ext][0], utcnow(), url))
         self.tally.add(host, "fetched")

@@ -117,3 +117,24 @@ async def test_files_and_commit_reach_the_disk_after_the_commit_and_before_the_s
         await db.close()
     assert seen == [({f"figures/f{n}.png" for n in range(3)}, 0)]  # committed, not yet stamped
     assert stamped == 3
+
+
+async def test_a_file_gone_before_its_commit_is_not_stamped_and_its_batch_mates_are(repo, dsn):
+    await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(3)])
+    db = await open_db(dsn)
+    sink = Sink(db, "run-1", 100, 60)
+    committer = Committer(GitRepo(repo, 60, "crawler", "c@c"), sink, batch=3, interval_s=3600, run_id="run-1",
+                          stamp=stamp, durable=False)
+    committer.start()
+    files = [placed(repo, n) for n in range(3)]
+    (repo / files[1].rel_path).unlink()  # e.g. removed by hand between placing and committing
+    for f in files:
+        await committer.add(f)
+    await committer.close()
+    await sink.close()
+    try:
+        stamped = {r["id"] for r in await db._pool.fetch("select id from artifacts where metadata ? 'file_commit'")}
+    finally:
+        await db.close()
+    assert stamped == {"fig-0", "fig-2"}
+    assert committer.failed_ids == {"fig-1"} and committer.committed_files == 2

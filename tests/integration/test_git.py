@@ -88,15 +88,12 @@ async def test_awkward_names_large_files_and_several_batches_commit_exactly(repo
 
 
 async def test_a_symlink_is_refused_and_nothing_is_committed(repo, tmp_path):
-    import pytest
-
-    from crawler.git import GitError
     (tmp_path / "outside.png").write_bytes(b"x")
     (repo / "link.png").symlink_to(tmp_path / "outside.png")
     head = git(repo, "rev-parse", "HEAD")
     ours = GitRepo(repo, 60, "crawler", "c@c")
-    with pytest.raises(GitError):
-        await ours.commit_paths(["link.png"], "no")
+    assert await ours.commit_paths(["link.png"], "no") == head
+    assert "not a regular file" in ours.refused["link.png"]
     await ours.close()
     assert git(repo, "rev-parse", "HEAD") == head
 
@@ -133,3 +130,30 @@ async def test_bytes_handed_over_are_committed_and_an_unchanged_file_makes_no_co
     assert again == first == git(repo, "rev-parse", "HEAD")
     assert git(repo, "cat-file", "-p", "HEAD:k.png") == "placed bytes"
     assert git(repo, "status", "--porcelain") == ""
+
+
+async def test_a_branch_moved_back_by_an_operator_stays_where_they_put_it(repo):
+    """fast-import alone would take a reset-back branch for a fast-forward of its own commits
+    and undo the reset; the branch is moved only by compare-and-swap from where we read it."""
+    base = git(repo, "rev-parse", "HEAD")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    first = await ours.commit_paths(["a.png"], "one")
+    git(repo, "update-ref", "refs/heads/main", base)  # the operator moves the branch back
+    (repo / "b.png").write_bytes(b"b")
+    second = await ours.commit_paths(["b.png"], "two")
+    await ours.close()
+    assert second != first and git(repo, "rev-parse", f"{second}^") == base
+    assert git(repo, "rev-parse", "HEAD") == second  # and closing did not move it again
+    assert set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()) == {"b.png"}
+    assert git(repo, "for-each-ref", "refs/crawler") == ""  # our own ref is gone
+
+
+async def test_a_file_that_cannot_be_committed_is_left_out_and_the_rest_go_ahead(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "good.png").write_bytes(b"g")
+    commit = await ours.commit_paths(["good.png", "vanished.png"], "one")
+    refused = dict(ours.refused)
+    await ours.close()
+    assert set(refused) == {"vanished.png"}
+    assert git(repo, "show", "--name-only", "--format=", commit) == "good.png"

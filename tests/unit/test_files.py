@@ -8,13 +8,15 @@ async def test_look_finds_recorded_files_and_the_first_candidate_on_disk(tmp_pat
     (tmp_path / "a" / "x.jpg").write_bytes(b"x")
     (tmp_path / "a" / "dir.png").mkdir()  # a folder under a candidate's name is not a file
     (tmp_path / "rec.png").write_bytes(b"r")
+    (tmp_path / "a" / "link.gif").symlink_to(tmp_path / "rec.png")  # a link is never taken for a file
     present, found = await files.look(tmp_path, [
-        ("rec.png", ["a/dir.png", "a/x.jpg"]),
+        ("rec.png", ["a/dir.png", "a/link.gif", "a/x.jpg"]),
         ("missing.png", ["gone/x.png", "gone/x.jpg"]),
         (None, []),
+        ("a/link.gif", ["x" * 300 + ".png"]),  # a name the system refuses to look at: absent
     ])
-    assert present == [True, False, False]
-    assert found == ["a/x.jpg", None, None]
+    assert present == [True, False, False, False]
+    assert found == ["a/x.jpg", None, None, None]
 
 
 async def test_sync_to_disk_flushes_each_file_system_once(tmp_path, monkeypatch):

@@ -145,3 +145,28 @@ def test_contain_all_agrees_with_contain_path_by_path(tmp_path):
     for escaping in (["../x.png", "../x.jpg"], ["out/x.png", "out/x.jpg"], ["/etc/x.png", "/etc/x.jpg"]):
         with pytest.raises(paths.PathError):
             paths.contain_all(tmp_path, escaping)
+
+
+def test_contain_all_refuses_what_contain_refuses_in_the_first_ones_folder(tmp_path):
+    import pytest
+
+    from crawler import paths
+    for rels in (["x/../a.png", "x/../.git"], ["a.png", "/x"], ["a.png", "b" * 300 + ".png"], ["a.png", 7]):
+        with pytest.raises(paths.PathError):
+            paths.contain_all(tmp_path, rels)  # type: ignore[list-item]
+
+
+def test_an_image_cut_short_is_not_taken_for_complete():
+    from crawler import media
+    from crawler.sandbox import images
+    png = images.png(7, 2000)
+    assert media.looks_complete(".png", png[:64], png[-64:], len(png))
+    cut = png[:1500]
+    assert not media.looks_complete(".png", cut[:64], cut[-64:], len(cut))
+    assert not media.looks_complete(".tif", b"II*\x00", b"", 10)  # no end marker: never trusted
+    for ext, body in ((".jpg", images.jpeg(3)), (".gif", images.gif(3)), (".webp", images.webp(3)),
+                      (".svg", images.svg(3))):
+        assert media.sniff(body[:1024]) == ext
+        assert media.looks_complete(ext, body[:1024], body[-64:], len(body)), ext
+        cut = body[: len(body) // 2]
+        assert not media.looks_complete(ext, cut[:1024], cut[-64:], len(cut)), ext
