@@ -244,6 +244,15 @@ class GitRepo:
             self._git("update-ref", "-d", self._private_ref())
         except GitError:
             pass  # never created
+        # fast-import's refs left by runs that were killed (their commits are on the branch, or
+        # were never published and are garbage).
+        for ref in self._git("for-each-ref", "--format=%(refname)", "refs/crawler/").split():
+            pid = ref.rsplit("/", 1)[-1].split("-")[1] if ref.rsplit("/", 1)[-1].startswith("import-") else ""
+            if pid and not _alive(pid):
+                try:
+                    self._git("update-ref", "-d", ref)
+                except GitError:
+                    pass
         lock_fd = _flock(gitdir / "crawler-commit.lock")
         try:
             if self._unsynced or (gitdir / UNSYNCED).exists():

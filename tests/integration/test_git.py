@@ -157,3 +157,15 @@ async def test_a_file_that_cannot_be_committed_is_left_out_and_the_rest_go_ahead
     await ours.close()
     assert set(refused) == {"vanished.png"}
     assert git(repo, "show", "--name-only", "--format=", commit) == "good.png"
+
+
+async def test_refs_left_by_a_killed_runs_fast_import_are_removed(repo):
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    git(repo, "update-ref", f"refs/crawler/import-{gone.pid}-1", "HEAD")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert git(repo, "for-each-ref", "refs/crawler/") == ""
