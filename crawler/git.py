@@ -140,7 +140,7 @@ class GitRepo:
             if not gitdir.is_dir():
                 raise GitError(f"the repository {gitdir} is gone; nothing was committed")
             if self.commit_command:
-                lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock")
+                lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock", self.timeout_s)
                 try:
                     return [await self._commit_with_helper(paths) for paths, _ in batches]
                 finally:
@@ -175,7 +175,7 @@ class GitRepo:
 
     def _commit_fast_import(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
                             known: Mapping[str, bytes]) -> list[str]:
-        lock_fd = _flock(gitdir / "crawler-commit.lock")
+        lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             every = [p for paths, _ in batches for p in paths]
             _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
@@ -253,7 +253,7 @@ class GitRepo:
                     self._git("update-ref", "-d", ref)
                 except GitError:
                     pass
-        lock_fd = _flock(gitdir / "crawler-commit.lock")
+        lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             if self._unsynced or (gitdir / UNSYNCED).exists():
                 self._sync_real_index()
@@ -523,10 +523,21 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _flock(path: Path) -> int:
+def _flock(path: Path, timeout_s: float) -> int:
+    """Take the commit lock, waiting at most timeout_s: a holder that never lets go must not
+    hold up a stop for ever."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise GitError(f"another process has held {path.name} for over {timeout_s:.0f} s; "
+                               "nothing was committed") from None
+            time.sleep(0.05)
 
 
 async def init_repo(root: Path) -> None:

@@ -169,3 +169,23 @@ async def test_refs_left_by_a_killed_runs_fast_import_are_removed(repo):
     await ours.commit_paths(["a.png"], "one")
     await ours.close()
     assert git(repo, "for-each-ref", "refs/crawler/") == ""
+
+
+async def test_a_commit_lock_held_too_long_fails_the_commit_instead_of_hanging(repo):
+    import fcntl
+    import os
+
+    import pytest
+
+    from crawler.git import GitError
+    holder = os.open(repo / ".git" / "crawler-commit.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # someone else, stuck while committing
+    try:
+        ours = GitRepo(repo, 0.2, "crawler", "c@c")
+        (repo / "a.png").write_bytes(b"a")
+        with pytest.raises(GitError, match="held"):
+            await ours.commit_paths(["a.png"], "one")
+    finally:
+        os.close(holder)
+    await ours.close()
+    assert git(repo, "log", "--format=%s") == "init"
