@@ -128,8 +128,14 @@ class Database:
 
     async def figure_page(self, hosts: Sequence[str] | None, after_id: str, limit: int,
                           now_iso: str, retry_failed: bool) -> list[dict[str, Any]]:
-        rows = await self._pool.fetch(self._sql(Q.FIGURE_PAGE), now_iso, retry_failed,
-                                      None if hosts is None else list(hosts), after_id, limit)
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            # The planner cannot estimate how many rows a host has (a regular expression over
+            # JSON) and guesses a handful, so on a large table it sorts the whole table for every
+            # page (2.5 s at 1,000,000 rows). Walking the primary key in order is always right for
+            # a keyset page: it stops after `limit` matches.
+            await conn.execute(Q.PREFER_KEY_ORDER)
+            rows = await conn.fetch(self._sql(Q.FIGURE_PAGE), now_iso, retry_failed,
+                                    None if hosts is None else list(hosts), after_id, limit)
         out = []
         for r in rows:
             d = dict(r)

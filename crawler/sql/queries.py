@@ -58,6 +58,9 @@ select
 from {{table}} a
 where a.artifact_type = 'paper_figure'""".format(has_url=HAS_URL)
 
+# For the rest of the transaction: no sorting and no sequential scans where an ordered index does.
+PREFER_KEY_ORDER = "set local enable_sort = off; set local enable_seqscan = off"
+
 # One keyset page of eligible rows whose host is in $3 ($3 null: rows whose host cannot be parsed).
 FIGURE_PAGE = f"""
 select a.id, a.file_path, a.metadata->'image_url' as image_url,
