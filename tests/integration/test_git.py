@@ -189,3 +189,15 @@ async def test_a_commit_lock_held_too_long_fails_the_commit_instead_of_hanging(r
         os.close(holder)
     await ours.close()
     assert git(repo, "log", "--format=%s") == "init"
+
+
+async def test_the_checkouts_index_learns_what_was_committed_not_what_is_on_disk_now(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=1000)
+    (repo / "a.png").write_bytes(b"committed")
+    commit = await ours.commit_paths(["a.png"], "one")
+    (repo / "a.png").write_bytes(b"changed on disk afterwards")
+    await ours.close()  # the sync at close
+    staged = git(repo, "ls-files", "-s", "a.png").split()[1]
+    assert staged == git(repo, "rev-parse", f"{commit}:a.png")
+    assert git(repo, "diff", "--cached", "--name-only") == ""  # nothing staged against HEAD
+    assert git(repo, "status", "--porcelain") == " M a.png"  # the disk change shows as a change
