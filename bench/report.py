@@ -104,7 +104,7 @@ def notes(results: dict[str, Any]) -> list[str]:
         sc = s["scrapy"]
         ratio = f"{sc['ratio']:.2f}" if sc["ratio"] else "n/a"
         out.append(f"scrapy: same rows, hosts and per-host in-flight cap, HEAD then GET, body to a file + sha256 "
-                   f"(fsync {'on' if st['fsync'] else 'off'}, as the crawler); "
+                   f"({'a disk flush every 100 files, as the crawler flushes once per commit' if st['fsync'] else 'no disk flush'}); "
                    f"Scrapy does no database, journal or git commits. Median rows/s crawler {sc['crawler_rows_per_s']:,.0f}"
                    f" vs Scrapy {sc['scrapy_rows_per_s']:,.0f}: crawler/Scrapy = {ratio}")
     return out
