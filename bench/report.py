@@ -94,6 +94,13 @@ def notes(results: dict[str, Any]) -> list[str]:
                    f"{m['bare']['rows']:,} rows); creating one 10 KB file (write, rename) costs {m['file_us']} us "
                    f"({m['file_kernel_us']} us of kernel CPU), so files alone hold one core to "
                    f"{1e6 / max(m['file_us'], 1):,.0f} rows/s")
+    if "memory" in s and s["memory"]["large"].get("rss_curve"):
+        curve = s["memory"]["large"]["rss_curve"]
+        picks = curve[:: max(1, len(curve) // 6)]
+        if picks[-1] is not curve[-1]:
+            picks.append(curve[-1])
+        out.append("memory large, RSS as the rows went by (rows fetched: RSS / peak MB): "
+                   + ", ".join(f"{int(r):,}: {rss:.0f} / {peak:.0f}" for r, rss, peak in picks))
     if "polite" in s:
         p = s["polite"]
         out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "

@@ -167,7 +167,8 @@ def watch(pid: int) -> dict[str, float] | None:
     if hwm is None:  # a zombie: no memory left to report
         return None
     tick = os.sysconf("SC_CLK_TCK")
-    return {"peak_rss_kb": hwm, "cpu_self_s": (int(stat[11]) + int(stat[12])) / tick,
+    rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return {"peak_rss_kb": hwm, "rss_kb": rss, "cpu_self_s": (int(stat[11]) + int(stat[12])) / tick,
             "cpu_self_sys_s": int(stat[12]) / tick, "cpu_children_s": (int(stat[13]) + int(stat[14])) / tick}
 
 
@@ -175,7 +176,9 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
                  label: str) -> tuple[dict[str, Any], float, bool]:
     """Run `python -m bench.measured STATS cmd...`; SIGTERM it at the deadline (it drains and exits).
 
-    Returns (its stats, wall seconds from spawn to exit, whether the deadline stopped it)."""
+    Returns (its stats, wall seconds from spawn to exit, whether the deadline stopped it). The
+    stats include `rss_curve`: [rows fetched, RSS MB, peak RSS MB] at each 30 s note, so memory
+    can be read against the rows done even when the deadline cuts a run short."""
     started = time.monotonic()
     with open(log_file, "wb") as log:
         proc = subprocess.Popen([PY, "-m", "bench.measured", str(stats_file), *cmd], cwd=REPO,
@@ -184,6 +187,7 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
         next_note = started + 30
         stopped = False
         seen: dict[str, float] | None = None
+        curve: list[list[float]] = []
         while proc.poll() is None:
             seen = watch(proc.pid) or seen
             now = time.monotonic()
@@ -197,6 +201,9 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
             if reports is not None and now >= next_note:
                 p = last_progress(reports)
                 said = f"{p['done']:,}/{p['planned']:,} rows fetched, {p['commit_pending']:,} waiting for a commit" if p else "starting"
+                if p and seen:
+                    curve.append([p["done"], round(seen["rss_kb"] / 1024, 1), round(seen["peak_rss_kb"] / 1024, 1)])
+                    said += f", RSS {seen['rss_kb'] / 1024:.0f} MB"
                 print(f"  {label}: {now - started:.0f} s, {said}", flush=True)
                 next_note = now + 30
             time.sleep(0.05)
@@ -204,8 +211,8 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
     if not stats_file.exists():  # killed after the deadline's grace: the last look from outside
         print(f"  {label}: killed; its figures are the last ones read from /proc; see {log_file}", flush=True)
         last = seen or {"peak_rss_kb": 0, "cpu_self_s": 0.0, "cpu_self_sys_s": 0.0, "cpu_children_s": 0.0}
-        return {"exit": proc.returncode, **last}, wall, stopped
-    return json.loads(stats_file.read_text()), wall, stopped
+        return {"exit": proc.returncode, **last, "rss_curve": curve}, wall, stopped
+    return {**json.loads(stats_file.read_text()), "rss_curve": curve}, wall, stopped
 
 
 def phases(reports: Path) -> dict[str, float | None]:
@@ -293,7 +300,7 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         "cpu_crawler_s": stats["cpu_self_s"], "cpu_crawler_sys_s": stats["cpu_self_sys_s"],
         "cpu_children_s": stats["cpu_children_s"],
         "cpu_simulator_s": sim_stats["cpu_s"], "cpu_postgres_s": round(pg_cpu, 1), "cpu_machine_s": round(busy, 1),
-        "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1),
+        "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "rss_curve": stats.get("rss_curve", []),
         "outcomes": {k: summary.get(k, 0) for k in ("fetched", "hard_404", "transient", "failed")},
         "requests_at_simulator": sim_stats["requests"], "verified": verified, "simulator": sim_stats,
     }
