@@ -110,3 +110,27 @@ async def with_database(cfg: Config, body: Callable[[Database], Awaitable[int]])
         return await body(db)
     finally:
         await db.close()
+
+
+def release_free_memory() -> None:
+    """Hand memory the allocator holds but no longer uses back to the system (glibc only).
+
+    Python's live objects stay flat over a long run, yet RSS crept (68 → 77 MB over 100,000
+    rows): bodies and pipe buffers come and go on several threads, each with its own malloc
+    arena, and the freed pages stay with the process. A trim every progress interval costs
+    about a millisecond."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()

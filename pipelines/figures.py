@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from yarl import URL
 
-from crawler import files, media, paths, sink as contract
+from crawler import engine, files, media, paths, sink as contract
 from crawler.budgets import Budget, Budgets
 from crawler.committer import Committer, PlacedFile
 from crawler.config import Config
@@ -338,6 +338,7 @@ class FigureJob:
         while True:
             await asyncio.sleep(interval)
             log.info("progress", **self.progress())
+            engine.release_free_memory()
 
     def progress(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self._started
