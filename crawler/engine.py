@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import logs, report
+from . import logs, native, report
 from .config import Config
 from .db import Database
 from .sink import iso, utcnow
@@ -119,18 +119,4 @@ def release_free_memory() -> None:
     rows): bodies and pipe buffers come and go on several threads, each with its own malloc
     arena, and the freed pages stay with the process. A trim every progress interval costs
     about a millisecond."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
+    native.malloc_trim()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import hashlib
 import itertools
 import os
@@ -23,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import aiofiles
+
+from . import native
 
 PART_PREFIX = ".crawler-"
 PART_SUFFIX = ".part"
@@ -118,20 +119,12 @@ async def place_temp(temp: TempFile, final: Path) -> bytes | None:
 def _syncfs(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _LIBC is not None and hasattr(_LIBC, "syncfs"):
-            if _LIBC.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-        else:  # not Linux: flush everything
+        if not native.syncfs(fd):  # not Linux: flush everything
             os.sync()
+    except OSError as exc:
+        raise OSError(exc.errno, f"syncfs {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:
-    _LIBC = None
 
 
 async def sync_to_disk(paths: Iterable[Path]) -> None:
