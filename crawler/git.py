@@ -1,43 +1,37 @@
 """The artifacts repository: committing exactly a given set of paths, nothing else.
 
-Commits are written by one long-lived `git fast-import` per run: each batch is a commit built
-on the branch's tree in fast-import's memory (only the batch's paths change, so whatever the
-checkout has staged or modified besides is neither included nor disturbed), then a checkpoint
-writes the pack and moves the branch, refusing anything but a fast-forward. One process and one
-pack per call instead of four processes and a loose object per file: this is where most of a
-commit's time went. The checkout's own index then learns the new entries for those paths only
-(every `index_sync_commits` commits and at close), so `git status` stays clean for them.
-Commits are serialised by a lock file in the git directory, so two processes never interleave;
-a branch moved by anyone else is noticed and built upon. When a site's own commit helper is
-configured, it gets the paths as arguments and we check its commit holds them.
+Commits are written straight into a pack by crawler/gitpack.py: each batch is a commit built on
+the branch's tree as git stores it (only the batch's paths change, so whatever the checkout has
+staged or modified besides is neither included nor disturbed), one pack per call, then the
+branch moves by compare-and-swap from where it was read, never over anyone's newer or older tip.
+No process per commit, no loose object per file, and no work per commit that grows with a big
+folder beyond hashing it: this is where a commit's time went (fast-import, before, scanned and
+re-sorted the one-entry-per-paper folder for every file). The checkout's own index then learns
+the new entries for those paths only (every `index_sync_commits` commits and at close), so
+`git status` stays clean for them. Commits are serialised by a lock file in the git directory,
+so two processes never interleave; a branch moved by anyone else is noticed and built upon.
+When a site's own commit helper is configured, it gets the paths as arguments and we check its
+commit holds them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import fcntl
-import hashlib
 import os
 import shlex
-import select
-import stat
+import pickle
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# fast-import's settings: zlib level 1 (figures are compressed already; gc can recompress) and
-# every blob stored whole, as deltas against the previous, unrelated file cost time and gain
-# nothing (trees are still stored as deltas, which keeps a commit's rewritten folder small).
-# It writes to a ref of its own (--force: that ref may jump to wherever the branch is); the
-# branch itself is moved by update-ref with compare-and-swap.
-FAST_IMPORT = ["-c", "pack.compression=1", "fast-import", "--quiet", "--force", "--big-file-threshold=1k"]
-LS_CHUNK = 200  # `ls` questions in flight at once: their answers must fit the pipe back
-READ_WHOLE = 8 << 20  # files up to this size are read in one go; larger ones are streamed twice
+from . import gitpack
+
 
 
 class GitError(Exception):
@@ -53,7 +47,8 @@ class GitRepo:
         self.index_sync_commits = index_sync_commits
         self._git_dir: Path | None = None
         self._branch: str | None = None       # the checked-out branch, refs/heads/...
-        self._importer: _FastImport | None = None
+        self._worker: _PackWorker | None = None
+        self._pack_setup: gitpack.Setup | None = None
         # Commits run start to finish on a thread of their own, with blocking pipes and plain
         # subprocess calls: on the event loop each of their dozen steps waited behind every
         # worker's callbacks (a 100-file commit took ~1 s there, ~60 ms here).
@@ -142,6 +137,7 @@ class GitRepo:
             self.refused = {}
             gitdir = await self.git_dir()
             if not gitdir.is_dir():
+                await self._on_git_thread(self._drop_worker)
                 raise GitError(f"the repository {gitdir} is gone; nothing was committed")
             if self.commit_command:
                 lock_fd = await asyncio.to_thread(_flock, gitdir / "crawler-commit.lock", self.timeout_s)
@@ -149,7 +145,7 @@ class GitRepo:
                     return [await self._commit_with_helper(paths) for paths, _ in batches]
                 finally:
                     os.close(lock_fd)
-            return await self._on_git_thread(self._commit_fast_import, gitdir, batches, known or {})
+            return await self._on_git_thread(self._commit_pack, gitdir, batches, known or {})
 
     async def _on_git_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
@@ -177,37 +173,32 @@ class GitRepo:
         except GitError:
             return None
 
-    def _commit_fast_import(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
-                            known: Mapping[str, bytes]) -> list[str]:
+    def _commit_pack(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
+                     known: Mapping[str, bytes]) -> list[str]:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             every = [p for paths, _ in batches for p in paths]
             _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
+            self.refused = {}
+            request = [([(p, known.get(p)) for p in paths], message) for paths, message in batches]
             for _attempt in range(3):  # someone else may move the branch between our read and our update
                 tip = self._tip_now()
-                if self._importer is not None and not self._importer.alive():
-                    self._importer.stop(kill=True)  # died between batches (killed, out of memory)
-                    self._importer = None
-                if self._importer is None:
-                    self._importer = _FastImport(self.root, self._env, self.timeout_s, self._private_ref())
-                try:
-                    made = self._importer.commit(tip, batches, self.root, known)
-                    self.refused = dict(self._importer.refused)
-                except BaseException:
-                    self._importer.stop(kill=True)  # never let a half-written commit be finished
-                    self._importer = None
-                    raise
+                made, refused, entries = self._worker_now().commit(self._setup(), tip, request)
+                self.refused = refused
+                if not made:  # every file refused
+                    if tip is None:
+                        raise GitError("nothing could be committed on an empty branch")
+                    return [tip] * len(batches)
                 if made[-1] != tip:
-                    # fast-import wrote to a ref of its own; the branch moves only from exactly
-                    # where we read it (compare-and-swap), never over anyone's newer or older tip.
                     try:
                         self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
                     except GitError:
+                        self._worker_now().forget()
                         continue  # moved meanwhile: build again on where it is now
                 self._unsynced.extend(every)
                 if self._entries and self._entries_at != tip:
                     self._entries.clear()  # someone else committed since: their tree decides
-                self._entries.update(self._importer.entries)
+                self._entries.update(entries)
                 self._entries_at = made[-1]
                 self._commits_since_sync += len(batches)
                 if self._commits_since_sync >= self.index_sync_commits:
@@ -221,8 +212,28 @@ class GitRepo:
         finally:
             os.close(lock_fd)
 
-    def _private_ref(self) -> str:
-        return f"refs/crawler/import-{os.getpid()}-{id(self)}"
+    def _drop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def _worker_now(self) -> _PackWorker:
+        if self._worker is not None and not self._worker.alive():
+            self._drop_worker()  # died between calls (killed, out of memory): a new one
+        if self._worker is None:
+            self._worker = _PackWorker(self.root, self._env, self.timeout_s)
+        return self._worker
+
+    def _setup(self) -> gitpack.Setup:
+        if self._pack_setup is None:
+            if self._git("rev-parse", "--show-object-format") != "sha1":
+                raise GitError(f"{self.root} names objects by sha256; only sha1 repositories are supported")
+            objects = Path(self.root, self._git("rev-parse", "--git-path", "objects")).resolve()
+            name = self._env["GIT_COMMITTER_NAME"].translate(_IDENT_UNSAFE).strip()
+            email = self._env["GIT_COMMITTER_EMAIL"].translate(_IDENT_UNSAFE).strip()
+            self._pack_setup = (str(self.root), str(objects), dict(self._env), self.timeout_s,
+                                f"{name} <{email}>".encode("utf-8", "surrogateescape"))
+        return self._pack_setup
 
     def _sync_real_index(self) -> None:
         """Teach the checkout's own index the committed entries of our paths (this run's, and any
@@ -251,15 +262,9 @@ class GitRepo:
         self._commits_since_sync = 0
 
     def _close_on_thread(self, gitdir: Path) -> None:
-        if self._importer is not None:
-            self._importer.stop(kill=False)  # everything it wrote is checkpointed and published
-            self._importer = None
-        try:
-            self._git("update-ref", "-d", self._private_ref())
-        except GitError:
-            pass  # never created
-        # fast-import's refs left by runs that were killed (their commits are on the branch, or
-        # were never published and are garbage).
+        self._drop_worker()
+        # Refs that earlier versions' fast-import left when their run was killed (their commits
+        # are on the branch, or were never published and are garbage).
         for ref in self._git("for-each-ref", "--format=%(refname)", "refs/crawler/").split():
             pid = ref.rsplit("/", 1)[-1].split("-")[1] if ref.rsplit("/", 1)[-1].startswith("import-") else ""
             if pid and not _alive(pid):
@@ -307,215 +312,60 @@ def _bytes(text: str) -> bytes:
 UNSYNCED = "crawler-unsynced"  # paths committed, or about to be, that the checkout's index may lack
 
 
-class _Blob:
-    """A file about to be committed: its mode, size, git blob id and (when small) its bytes."""
-
-    __slots__ = ("path", "quoted", "mode", "size", "data", "listing")
-
-    def __init__(self, root: Path, path: str, known: bytes | None = None) -> None:
-        self.path = path
-        self.quoted = _quote(path)
-        if known is not None:  # the bytes the caller itself just placed there
-            self.mode, self.size, self.data = b"100644", len(known), known
-            blob_id = hashlib.sha1(b"blob %d\0" % len(known) + known).hexdigest()
-            self.listing = f"100644 blob {blob_id}"
-            return
-        full = root / path
-        st = os.lstat(full)
-        if not stat.S_ISREG(st.st_mode):
-            raise GitError(f"{path} is not a regular file; nothing was committed")
-        self.mode = b"100755" if st.st_mode & 0o111 else b"100644"
-        self.size = st.st_size
-        sha = hashlib.sha1(b"blob %d\0" % st.st_size)
-        if st.st_size <= READ_WHOLE:
-            with open(full, "rb") as fh:
-                self.data: bytes | None = fh.read()
-            if len(self.data) != st.st_size:
-                raise GitError(f"{path} changed while being committed")
-            sha.update(self.data)
-        else:
-            self.data = None
-            with open(full, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    sha.update(block)
-        # How fast-import's `ls` lists this exact content (before the tab and the path).
-        self.listing = f"{self.mode.decode()} blob {sha.hexdigest()}"
+_IDENT_UNSAFE = str.maketrans("", "", "<>\n\0")
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)  # where `crawler` is importable from
 
 
-def _quote(path: str) -> bytes:
-    """A path as fast-import reads it: C-style quoted, so spaces, quotes and newlines are safe."""
-    raw = path.encode("utf-8", "surrogateescape")
-    out = bytearray(b'"')
-    for byte in raw:
-        if byte in (0x22, 0x5C):
-            out += b"\\" + bytes([byte])
-        elif byte < 0x20 or byte == 0x7F:
-            out += b"\\%03o" % byte
-        else:
-            out.append(byte)
-    return bytes(out + b'"')
+class _PackWorker:
+    """The `python -m crawler.gitpack` process that builds and writes commits (blocking; on the
+    git thread). A call that outlives its timeout kills it; a dead one is replaced."""
 
-
-class _FastImport:
-    """One `git fast-import` process and the conversation with it (blocking; on the git thread)."""
-
-    def __init__(self, root: Path, env: dict[str, str], timeout_s: float, ref: str) -> None:
-        self.proc = subprocess.Popen(["git", *FAST_IMPORT], cwd=root, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
-        self.out = self.proc.stdin
+    def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
+        path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "crawler.gitpack"], cwd=root,
+                                     env={**env, "PYTHONPATH": path}, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.timeout_s = timeout_s
-        self.ref = ref
-        self._committer = f"committer {env['GIT_COMMITTER_NAME']} <{env['GIT_COMMITTER_EMAIL']}>".encode()
-        self.tip: str | None = None  # where fast-import's ref is
-        self.marks = 0
-        self.refused: dict[str, str] = {}  # path → why, for the last commit() call
-        self.entries: dict[str, str] = {}  # path → its index entry, for the last commit() call
-        self._pending = b""
-        self._errors: collections.deque[str] = collections.deque(maxlen=20)
-        self._err_reader = threading.Thread(target=self._read_errors, args=(self.proc.stderr,), daemon=True)
-        self._err_reader.start()
-
-    def _read_errors(self, stream: Any) -> None:
-        for line in stream:
-            self._errors.append(line.decode(errors="replace").strip())
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def failed(self, what: str) -> GitError:
-        last = next((line for line in reversed(self._errors) if line), "no message")
-        return GitError(f"git fast-import {what}: {last}")
-
-    def reply(self) -> str:
-        """One line fast-import wrote back, waiting at most timeout_s."""
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        deadline = time.monotonic() + self.timeout_s
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise self.failed("did not answer in time")
-            block = os.read(fd, 65536)
-            if not block:
-                self.proc.wait()
-                self._err_reader.join(1)
-                raise self.failed("stopped")
-            self._pending += block
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode(errors="replace")
-
-    def commit(self, tip: str | None, batches: Sequence[tuple[Sequence[str], str]], root: Path,
-               known: Mapping[str, bytes]) -> list[str]:
-        """One commit per batch on top of `tip`, then a checkpoint; their ids. A batch changing
-        nothing makes no commit and yields the id before it. A path that cannot be committed (gone,
-        not a regular file, unreadable) is left out and named in `refused`; the rest go ahead."""
-        # Writes into a pipe have no timeout of their own: past the deadline the process is
-        # killed, and a blocked write fails.
-        watchdog = threading.Timer(self.timeout_s * (1 + len(batches)), self.proc.kill)
+    def _call(self, request: tuple[Any, ...], timeout_s: float) -> tuple[Any, ...]:
+        watchdog = threading.Timer(timeout_s, self.proc.kill)
         watchdog.start()
         try:
-            return self._commit(tip, batches, root, known)
-        except (BrokenPipeError, ValueError):
-            raise self.failed("stopped while being written to") from None
+            pickle.dump(request, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+            reply = pickle.load(self.proc.stdout)  # type: ignore[arg-type]
+        except (EOFError, OSError, pickle.UnpicklingError):
+            self.stop()
+            raise GitError(f"the commit worker stopped (exit code {self.proc.returncode}); "
+                           "nothing was committed") from None
         finally:
             watchdog.cancel()
+        if reply[0] != "ok":
+            raise GitError(reply[1])
+        return reply
 
-    def _commit(self, tip: str | None, batches: Sequence[tuple[Sequence[str], str]], root: Path,
-                known: Mapping[str, bytes]) -> list[str]:
-        self.refused = {}
-        self.entries = {}
-        described: list[tuple[list[_Blob], str]] = []
-        for paths, message in batches:  # every file looked at before anything is written
-            blobs = []
-            for p in paths:
-                try:
-                    blobs.append(_Blob(root, p, known.get(p)))
-                except (GitError, OSError) as exc:
-                    self.refused[p] = str(exc)
-            described.append((blobs, message))
-        out = self.out
-        made: list[str] = []
-        for blobs, message in described:
-            if not blobs:
-                if tip is None:
-                    raise GitError("nothing could be committed on an empty branch")
-                made.append(tip)
-                continue
-            self.marks += 1
-            msg = message.encode("utf-8", "surrogateescape")
-            out.write(f"commit {self.ref}\nmark :{self.marks}\n".encode())
-            out.write(self._committer + b" %d +0000\ndata %d\n%s\n" % (int(time.time()), len(msg), msg))
-            if tip != self.tip and tip is not None:  # build on the branch, wherever it is now
-                out.write(b"from %s\n" % tip.encode())
-            # What the parent holds at these paths (from fast-import's in-memory tree), asked a
-            # chunk at a time so the answers never fill the pipe while we are still asking.
-            changed: list[_Blob] = []
-            for i in range(0, len(blobs), LS_CHUNK):
-                chunk = blobs[i:i + LS_CHUNK]
-                out.write(b"".join(b"ls %s\n" % b.quoted for b in chunk))
-                out.flush()
-                changed += [b for b in chunk if self.reply().split("\t", 1)[0] != b.listing]
-            self.entries.update((b.path, f"{b.listing}\t{b.path}") for b in blobs)
-            for b in changed:
-                out.write(b"M %s inline %s\ndata %d\n" % (b.mode, b.quoted, b.size))
-                if b.data is not None:
-                    out.write(b.data)
-                else:
-                    _stream_into(out, root / b.path, b.size)
-                out.write(b"\n")
-            out.write(b"\n")
-            if not changed:
-                # Nothing new: the empty commit just written stays unreferenced (gc drops it)
-                # and our ref goes back to where it was.
-                if tip is None:
-                    raise GitError("nothing to commit on an empty branch")
-                out.write(f"reset {self.ref}\nfrom {tip}\n\n".encode())
-                self.tip = tip
-                made.append(tip)
-                continue
-            out.write(b"get-mark :%d\n" % self.marks)
-            out.flush()
-            tip = self.tip = self.reply()
-            made.append(tip)
-        out.write(b"checkpoint\nprogress crawler-%d\n" % self.marks)
-        out.flush()
-        said = self.reply()
-        if said != f"progress crawler-{self.marks}":
-            raise self.failed(f"said {said[:80]!r}")
-        return made
+    def commit(self, setup: gitpack.Setup, tip: str | None,
+               batches: list[tuple[list[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        _ok, made, refused, entries = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
+        return made, refused, entries
 
-    def stop(self, kill: bool) -> None:
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                try:
-                    self.out.close()
-                except OSError:
-                    pass
-            try:
-                self.proc.wait(self.timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err_reader.join(5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                stream.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
+    def forget(self) -> None:
+        self._call(("forget",), self.timeout_s)
 
-
-def _stream_into(out: Any, path: Path, size: int) -> None:
-    """Copy exactly `size` bytes of a large file into fast-import's input, a block at a time."""
-    with open(path, "rb") as fh:
-        left = size
-        while left:
-            block = fh.read(min(1 << 20, left))
-            if not block:
-                raise GitError(f"{path.name} shrank while being committed")
-            out.write(block)
-            left -= len(block)
+    def stop(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]  # its end of input: it exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
 
 
 def _append(path: Path, data: bytes) -> None:

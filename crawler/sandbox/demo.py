@@ -127,7 +127,10 @@ async def _populate(dsn: str, root: Path, scene: FigureScene) -> None:
             (root / rel).write_bytes(body)
         if scene.files:
             repo = GitRepo(root, 60, "platform", "platform@localhost")
-            await repo.commit_paths(sorted(scene.files), "figures that survived the loss")
+            try:
+                await repo.commit_paths(sorted(scene.files), "figures that survived the loss")
+            finally:
+                await repo.close()
         await conn.copy_records_to_table(
             "artifacts", columns=["id", "artifact_type", "title", "file_path", "metadata"],
             records=[(r["id"], r["artifact_type"], r["title"], r["file_path"], json.dumps(r["metadata"]))

@@ -178,13 +178,16 @@ async def lay_out(scene: RecoveryScene, checkout: Path, worktrees_root: Path) ->
             (root / rel).write_bytes(body)
 
     write(checkout, scene.history_only)
-    await repo.commit_paths(sorted(scene.history_only), "datasets from the March analyses")
-    await repo._run("rm", "-q", "--cached", "--", *sorted(scene.history_only))
-    for rel in scene.history_only:
-        (checkout / rel).unlink()
-    await repo._run("commit", "-q", "-m", "clean up old datasets")
-    write(checkout, scene.checkout_committed)
-    await repo.commit_paths(sorted(scene.checkout_committed), "datasets kept in the checkout")
+    try:
+        await repo.commit_paths(sorted(scene.history_only), "datasets from the March analyses")
+        await repo._run("rm", "-q", "--cached", "--", *sorted(scene.history_only))
+        for rel in scene.history_only:
+            (checkout / rel).unlink()
+        await repo._run("commit", "-q", "-m", "clean up old datasets")
+        write(checkout, scene.checkout_committed)
+        await repo.commit_paths(sorted(scene.checkout_committed), "datasets kept in the checkout")
+    finally:
+        await repo.close()
     write(checkout, scene.checkout_untracked)
     for name, files in scene.worktrees.items():
         write(worktrees_root / name / "data" / "scidex-artifacts", files)

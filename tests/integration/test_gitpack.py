@@ -1,0 +1,183 @@
+"""Packs written by crawler/gitpack.py, checked by git itself: fsck, and tree ids equal to the
+ones git computes for the same entries."""
+
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from crawler import gitpack
+from crawler.git import GitError, GitRepo
+from tests.harness import git
+
+
+def blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def git_tree_for(repo, base: str, files: dict[str, bytes], tmp_path) -> str:
+    """The tree git itself makes from `base` plus `files` (through an index of its own)."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(tmp_path / "oracle-index")}
+    subprocess.run(["git", "read-tree", base], cwd=repo, env=env, check=True)
+    info = "".join(f"100644 {blob_id(d)}\t{p}\n" for p, d in files.items())
+    subprocess.run(["git", "update-index", "--index-info"], cwd=repo, env=env, input=info.encode(), check=True)
+    return subprocess.run(["git", "write-tree", "--missing-ok"], cwd=repo, env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # Tiny chunks and deltas from 64 bytes, so a few hundred files split chunks and make chains.
+    monkeypatch.setattr(gitpack, "CHUNK", 4)
+    monkeypatch.setattr(gitpack, "DELTA_FROM", 64)
+    monkeypatch.setattr(gitpack, "MAX_DEPTH", 3)
+
+
+async def test_trees_are_the_ones_git_makes_and_the_repository_is_sound(repo, tmp_path, small_chunks):
+    # A folder git made (one entry per paper), then ours inserted among them in random order,
+    # over several calls of several batches: the same tree ids as git's own, and fsck is clean.
+    rng = random.Random(7)
+    existing = {f"figures/papers/P{i:04d}/f{i}.png": b"old %d" % i for i in range(0, 400, 3)}
+    # Files named like a folder plus a suffix: git sorts "P0010.txt" before the folder "P0010".
+    existing.update({f"figures/papers/P{i:04d}.txt": b"note %d" % i for i in range(0, 200, 10)})
+    for path, data in existing.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(data)
+    git(repo, "add", "figures")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "theirs")
+    base = git(repo, "rev-parse", "HEAD")
+    new = [i for i in range(400) if i % 3]
+    rng.shuffle(new)
+    # In this process (the chunk sizes above apply), moving the branch as GitRepo does.
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    added: dict[str, bytes] = {}
+    for call in range(4):
+        batches, known = [], {}
+        for b in range(3):
+            paths = []
+            for i in new[call * 66 + b * 22: call * 66 + (b + 1) * 22]:
+                path = f"figures/papers/P{i // 2:04d}/g{i}.png"  # new files in old and new folders
+                data = b"\x89PNG new %d" % i if i % 2 else b"text %d" % i
+                (repo / path).parent.mkdir(parents=True, exist_ok=True)
+                (repo / path).write_bytes(data)
+                paths.append((path, data if call % 2 else None))
+                known[path] = data
+            batches.append((paths, f"call {call} batch {b}"))
+        tip = git(repo, "rev-parse", "HEAD")
+        made, refused, _entries = gitpack.work(packer, tip, batches)
+        assert refused == {} and len(made) == 3
+        git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+        added.update(known)
+    packer.close()
+    git(repo, "add", "figures")  # the checkout's index (GitRepo syncs it; here git does)
+    assert git(repo, "rev-parse", "HEAD^{tree}") == git_tree_for(repo, base, added, tmp_path)
+    assert git(repo, "rev-list", "--count", f"{base}..HEAD") == "12"
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+    assert git(repo, "status", "--porcelain") == ""
+    chains = [line for pack in (repo / ".git/objects/pack").glob("pack-*.idx")
+              for line in git(repo, "verify-pack", "-v", str(pack)).splitlines() if line.startswith("chain length")]
+    assert chains, "no tree was stored as a delta"
+
+
+async def test_the_second_call_reads_the_folders_again_after_someone_else_commits(repo, tmp_path):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    await ours.commit_batches([(["d/a.png"], "one")], {"d/a.png": b"a"})
+    (repo / "d").mkdir(exist_ok=True)
+    (repo / "d" / "b.txt").write_text("theirs")
+    git(repo, "add", "d/b.txt")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "theirs")
+    (repo / "d" / "a.png").write_bytes(b"a")
+    theirs = git(repo, "rev-parse", "HEAD")
+    (made,) = await ours.commit_batches([(["d/c.png"], "two")], {"d/c.png": b"c"})
+    await ours.close()
+    assert git(repo, "rev-parse", f"{made}^") == theirs
+    assert git(repo, "ls-tree", "-r", "--name-only", "HEAD").split() == ["d/a.png", "d/b.txt", "d/c.png"]
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+async def test_something_in_the_way_refuses_that_path_only(repo):
+    (repo / "taken.png").write_bytes(b"a file")
+    (repo / "folder.png").mkdir()
+    (repo / "folder.png" / "inside").write_bytes(b"x")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "theirs")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    known = {"taken.png/under.png": b"1", "folder.png": b"2", "fine/ok.png": b"3"}
+    (made,) = await ours.commit_batches([(sorted(known), "one")], known)
+    refused = dict(ours.refused)
+    await ours.close()
+    assert refused.keys() == {"taken.png/under.png", "folder.png"}
+    assert "is a file in the repository" in refused["taken.png/under.png"]
+    assert "is a folder in the repository" in refused["folder.png"]
+    assert git(repo, "show", "--name-only", "--format=", made) == "fine/ok.png"
+
+
+def test_a_file_changed_while_written_leaves_no_pack_and_no_commit(repo, tmp_path):
+    # Its id was computed from other bytes: storing it under that id would corrupt the repository.
+    big = repo / "big.png"
+    big.write_bytes(b"y" * 3000)
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    stale = gitpack.Blob("big.png", b"100644", bytes.fromhex(blob_id(b"x" * 3000)), 3000, None, big)
+    before = sorted(os.listdir(repo / ".git" / "objects" / "pack"))
+    with pytest.raises(gitpack.PackError, match="changed while being committed"):
+        packer.commit(git(repo, "rev-parse", "HEAD"), [([stale], "one")])
+    packer.close()
+    assert sorted(os.listdir(repo / ".git" / "objects" / "pack")) == before
+    assert packer.tip is None  # its folders are read again next time
+
+
+async def test_a_sha256_repository_is_refused_with_one_line(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    git(root, "init", "-q", "--object-format=sha256", "-b", "main")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    ours = GitRepo(root, 60, "crawler", "c@c")
+    with pytest.raises(GitError, match="sha256"):
+        await ours.commit_batches([(["a.png"], "one")], {"a.png": b"a"})
+    await ours.close()
+
+
+def test_deltas_copy_shared_chunks_and_insert_the_rest():
+    a, b, c, d = b"A" * 100, b"B" * 70_000, b"C" * 5, b"D" * 300
+    delta = gitpack.tree_delta([a, b, c], [a, b, d, c])
+    assert apply_delta(a + b + c, delta) == a + b + d + c
+    assert len(delta) < 400  # 70 kB copied, not carried
+
+
+def apply_delta(base: bytes, delta: bytes) -> bytes:
+    """git's patch-delta, as gitformat-pack(5) describes it: an independent reading."""
+    def varint(i):
+        n = shift = 0
+        while True:
+            byte = delta[i]
+            i += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return n, i
+    src, i = varint(0)
+    dst, i = varint(i)
+    assert src == len(base)
+    out = bytearray()
+    while i < len(delta):
+        op = delta[i]
+        i += 1
+        if op & 0x80:
+            offset = size = 0
+            for k in range(4):
+                if op & (1 << k):
+                    offset |= delta[i] << (8 * k)
+                    i += 1
+            for k in range(3):
+                if op & (0x10 << k):
+                    size |= delta[i] << (8 * k)
+                    i += 1
+            out += base[offset:offset + (size or 0x10000)]
+        else:
+            assert op, "opcode 0 is reserved"
+            out += delta[i:i + op]
+            i += op
+    assert len(out) == dst
+    return bytes(out)
