@@ -40,11 +40,15 @@ class GitError(Exception):
 
 class GitRepo:
     def __init__(self, root: Path, timeout_s: float, author_name: str, author_email: str,
-                 commit_command: str = "", index_sync_commits: int = 1) -> None:
+                 commit_command: str = "", index_sync_commits: int = 1, index_sync_interval_s: float = 0.0) -> None:
         self.root = root
         self.timeout_s = timeout_s
         self.commit_command = commit_command
         self.index_sync_commits = index_sync_commits
+        # A sync rewrites the whole index file (about 100 bytes a tracked file): with a million
+        # files, a second of git's CPU. So it also waits this long since the last one.
+        self.index_sync_interval_s = index_sync_interval_s
+        self._last_sync = time.monotonic()
         self._git_dir: Path | None = None
         self._branch: str | None = None       # the checked-out branch, refs/heads/...
         self._worker: _PackWorker | None = None
@@ -201,7 +205,8 @@ class GitRepo:
                 self._entries.update(entries)
                 self._entries_at = made[-1]
                 self._commits_since_sync += len(batches)
-                if self._commits_since_sync >= self.index_sync_commits:
+                if (self._commits_since_sync >= self.index_sync_commits
+                        and time.monotonic() - self._last_sync >= self.index_sync_interval_s):
                     try:
                         self._sync_real_index()
                     except GitError as exc:  # the commits stand; `git status` lags until a later sync
@@ -260,6 +265,7 @@ class GitRepo:
         self._unsynced.clear()
         self._entries.clear()
         self._commits_since_sync = 0
+        self._last_sync = time.monotonic()
 
     def _close_on_thread(self, gitdir: Path) -> None:
         self._drop_worker()

@@ -201,3 +201,15 @@ async def test_the_checkouts_index_learns_what_was_committed_not_what_is_on_disk
     assert staged == git(repo, "rev-parse", f"{commit}:a.png")
     assert git(repo, "diff", "--cached", "--name-only") == ""  # nothing staged against HEAD
     assert git(repo, "status", "--porcelain") == " M a.png"  # the disk change shows as a change
+
+
+async def test_the_index_sync_waits_its_interval_and_close_always_syncs(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=1, index_sync_interval_s=3600)
+    for name in ("a.png", "b.png"):
+        (repo / name).write_bytes(name.encode())
+        await ours.commit_paths([name], name)
+    lagging = git(repo, "ls-files", "--", "a.png", "b.png")
+    await ours.close()
+    assert lagging == ""  # committed, but the checkout's index not yet rewritten
+    assert git(repo, "ls-files", "--", "a.png", "b.png").split() == ["a.png", "b.png"]
+    assert git(repo, "status", "--porcelain") == ""
