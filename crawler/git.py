@@ -17,6 +17,7 @@ commit holds them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import fcntl
 import os
@@ -59,11 +60,6 @@ class GitRepo:
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.warnings: list[str] = []  # said by the git thread, logged by the caller
         self.refused: dict[str, str] = {}  # paths the last commit_batches left out, and why
-        self._unsynced: list[str] = []        # committed paths the checkout's index has not learnt
-        # Index entries ("mode blob id<TAB>path") of what we committed since the last sync, and
-        # the commit they are true of: a sync needs no `ls-tree` while the branch is still there.
-        self._entries: dict[str, str] = {}
-        self._entries_at: str | None = None
         self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
                      "GIT_COMMITTER_NAME": author_name, "GIT_COMMITTER_EMAIL": author_email,
@@ -171,23 +167,32 @@ class GitRepo:
         return proc.stdout.decode(errors="surrogateescape").strip()
 
     def _tip_now(self) -> str | None:
-        """Where the branch we commit to is now (None: not born yet)."""
+        """Where the branch we commit to is now (None: not born yet). Any other failure is
+        raised, not taken for an unborn branch."""
         try:
-            return self._git("rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}")
-        except GitError:
+            proc = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}"],
+                                  cwd=self.root, env=self._env, capture_output=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git rev-parse took longer than {self.timeout_s:.0f} s") from None
+        if proc.returncode == 1 and not proc.stdout.strip() and not proc.stderr.strip():
             return None
+        if proc.returncode != 0:
+            first = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise GitError(f"git rev-parse failed: {first[0] if first else proc.returncode}")
+        return proc.stdout.decode().strip()
 
     def _commit_pack(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
                      known: Mapping[str, bytes]) -> list[str]:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
+            setup = self._setup()  # refuses what we cannot write before anything is noted
             every = [p for paths, _ in batches for p in paths]
             _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
             self.refused = {}
             request = [([(p, known.get(p)) for p in paths], message) for paths, message in batches]
             for _attempt in range(3):  # someone else may move the branch between our read and our update
                 tip = self._tip_now()
-                made, refused, entries = self._worker_now().commit(self._setup(), tip, request)
+                made, refused = self._worker_now().commit(setup, tip, request)
                 self.refused = refused
                 if not made:  # every file refused
                     if tip is None:
@@ -198,12 +203,9 @@ class GitRepo:
                         self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
                     except GitError:
                         self._worker_now().forget()
-                        continue  # moved meanwhile: build again on where it is now
-                self._unsynced.extend(every)
-                if self._entries and self._entries_at != tip:
-                    self._entries.clear()  # someone else committed since: their tree decides
-                self._entries.update(entries)
-                self._entries_at = made[-1]
+                        if self._tip_now() != tip:
+                            continue  # moved meanwhile: build again on where it is now
+                        raise  # not moved: the ref cannot be written (a stale lock, a full disk)
                 self._commits_since_sync += len(batches)
                 if (self._commits_since_sync >= self.index_sync_commits
                         and time.monotonic() - self._last_sync >= self.index_sync_interval_s):
@@ -236,39 +238,34 @@ class GitRepo:
             objects = Path(self.root, self._git("rev-parse", "--git-path", "objects")).resolve()
             name = self._env["GIT_COMMITTER_NAME"].translate(_IDENT_UNSAFE).strip()
             email = self._env["GIT_COMMITTER_EMAIL"].translate(_IDENT_UNSAFE).strip()
-            self._pack_setup = (str(self.root), str(objects), dict(self._env), self.timeout_s,
+            self._pack_setup = (str(self.root.resolve()), str(objects), dict(self._env), self.timeout_s,
                                 f"{name} <{email}>".encode("utf-8", "surrogateescape"))
         return self._pack_setup
 
     def _sync_real_index(self) -> None:
         """Teach the checkout's own index the committed entries of our paths (this run's, and any
         a killed run left in the intent log) that HEAD holds, so `git status` shows them clean.
-        Batched: each update rewrites that whole index file. (On the git thread, lock held.)"""
+        The worker does it: it knows the entries it committed, so nothing per path is kept in
+        this process. (On the git thread, lock held.)"""
         assert self._git_dir is not None
         intent = self._git_dir / UNSYNCED
-        wanted = sorted(set(self._unsynced) | set(_read_paths(intent)))
-        if wanted:
-            # The committed entries themselves (mode, blob, path), not whatever is on disk now.
-            # Ours are known while the branch is still at our last commit; the rest (a killed
-            # run's, or after someone else committed) are asked of git, which at 150,000 files
-            # costs 0.75 s per 1,000 paths.
-            known = self._entries if self._entries_at is not None and self._tip_now() == self._entries_at else {}
-            entries = [known[p] for p in wanted if p in known]
-            ask = [p for p in wanted if p not in known]
-            for i in range(0, len(ask), 500):  # pathspecs on the command line, in slices
-                listed = self._git("ls-tree", "-r", "-z", "HEAD", "--", *ask[i:i + 500])
-                entries += [e for e in listed.split("\0") if e]
-            if entries:
-                self._git("update-index", "-z", "--index-info",
-                          stdin=b"".join(_bytes(e) + b"\0" for e in entries))
+        if intent.exists():
+            self._worker_now().sync(self._setup(), str(intent))
         intent.unlink(missing_ok=True)
-        self._unsynced.clear()
-        self._entries.clear()
         self._commits_since_sync = 0
         self._last_sync = time.monotonic()
 
     def _close_on_thread(self, gitdir: Path) -> None:
-        self._drop_worker()
+        lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
+        try:
+            if (gitdir / UNSYNCED).exists():
+                self._sync_real_index()
+            for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
+                if not _alive(f.name.split("-")[2]):
+                    f.unlink(missing_ok=True)
+        finally:
+            os.close(lock_fd)
+            self._drop_worker()
         # Refs that earlier versions' fast-import left when their run was killed (their commits
         # are on the branch, or were never published and are garbage).
         for ref in self._git("for-each-ref", "--format=%(refname)", "refs/crawler/").split():
@@ -278,25 +275,18 @@ class GitRepo:
                     self._git("update-ref", "-d", ref)
                 except GitError:
                     pass
-        lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
-        try:
-            if self._unsynced or (gitdir / UNSYNCED).exists():
-                self._sync_real_index()
-            for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
-                if not _alive(f.name.split("-")[2]):
-                    f.unlink(missing_ok=True)
-        finally:
-            os.close(lock_fd)
 
     async def close(self) -> None:
-        """End fast-import and sync the checkout's index."""
+        """End the commit worker and sync the checkout's index."""
         async with self._lock:
             try:
-                gitdir = await self.git_dir()
+                gitdir: Path | None = await self.git_dir()
             except GitError:
-                return
-            if gitdir.is_dir():
+                gitdir = None
+            if gitdir is not None and gitdir.is_dir():
                 await self._on_git_thread(self._close_on_thread, gitdir)
+            elif self._worker is not None:
+                await self._on_git_thread(self._drop_worker)  # the repository is gone: just end it
             if self._thread is not None:
                 self._thread.shutdown(wait=True)
                 self._thread = None
@@ -328,10 +318,19 @@ class _PackWorker:
 
     def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
         path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "crawler.gitpack"], cwd=root,
+        # -P: nothing is imported from the artifacts root (its cwd), whatever files land there.
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "crawler.gitpack"], cwd=root,
                                      env={**env, "PYTHONPATH": path}, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.timeout_s = timeout_s
+        self._said: collections.deque[str] = collections.deque(maxlen=20)  # its last stderr lines
+        self._stderr = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr.start()
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            if line.strip():
+                self._said.append(line.decode(errors="replace").strip())
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -345,7 +344,8 @@ class _PackWorker:
             reply = pickle.load(self.proc.stdout)  # type: ignore[arg-type]
         except (EOFError, OSError, pickle.UnpicklingError):
             self.stop()
-            raise GitError(f"the commit worker stopped (exit code {self.proc.returncode}); "
+            last = self._said[-1] if self._said else "no message"
+            raise GitError(f"the commit worker stopped (exit code {self.proc.returncode}: {last}); "
                            "nothing was committed") from None
         finally:
             watchdog.cancel()
@@ -354,9 +354,12 @@ class _PackWorker:
         return reply
 
     def commit(self, setup: gitpack.Setup, tip: str | None,
-               batches: list[tuple[list[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str], dict[str, str]]:
-        _ok, made, refused, entries = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
-        return made, refused, entries
+               batches: list[tuple[list[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str]]:
+        _ok, made, refused = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
+        return made, refused
+
+    def sync(self, setup: gitpack.Setup, intent: str) -> None:
+        self._call(("sync", setup, intent), self.timeout_s * 4)
 
     def forget(self) -> None:
         self._call(("forget",), self.timeout_s)
@@ -371,19 +374,14 @@ class _PackWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()  # type: ignore[union-attr]
+        self._stderr.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()  # type: ignore[union-attr]
 
 
 def _append(path: Path, data: bytes) -> None:
     with open(path, "ab") as fh:
         fh.write(data)
-
-
-def _read_paths(path: Path) -> list[str]:
-    try:
-        return [p for p in path.read_bytes().decode(errors="surrogateescape").split("\0") if p]
-    except FileNotFoundError:
-        return []
 
 
 def _alive(pid: str) -> bool:

@@ -52,6 +52,8 @@ async def test_a_vanished_git_directory_never_leads_to_an_enclosing_repository(t
     (inner / "b.png").write_bytes(b"b")
     with pytest.raises(GitError):
         await ours.commit_paths(["b.png"], "would land in the outer repository")
+    await ours.close()
+    assert ours._worker is None
     assert git(outer, "rev-parse", "HEAD") == outer_head
     assert git(outer, "status", "--porcelain", "--untracked-files=no") == ""
 

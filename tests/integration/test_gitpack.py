@@ -181,3 +181,45 @@ def apply_delta(base: bytes, delta: bytes) -> bytes:
             i += op
     assert len(out) == dst
     return bytes(out)
+
+
+@pytest.mark.parametrize("order", [("x/a/b.png", "x/a"), ("x/a", "x/a/b.png")])
+def test_a_file_and_a_folder_of_one_name_in_one_call_refuse_the_later(repo, order):
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    tip = git(repo, "rev-parse", "HEAD")
+    made, refused, _entries = gitpack.work(packer, tip, [([(p, b"data") for p in order], "one")])
+    packer.close()
+    assert set(refused) == {order[1]}
+    git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    assert git(repo, "ls-tree", "-r", "--name-only", "HEAD") == order[0]
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_a_path_git_cannot_hold_is_refused_and_the_rest_go_ahead(repo):
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    tip = git(repo, "rev-parse", "HEAD")
+    paths = [("nul\0byte.png", b"1"), ("nul\0read.png", None), ("x/../y.png", b"2"), (".git/config", b"3"),
+             ("fine.png", b"4")]
+    made, refused, _entries = gitpack.work(packer, tip, [(paths, "one")])
+    packer.close()
+    assert set(refused) == {p for p, _ in paths} - {"fine.png"}
+    assert git(repo, "show", "--name-only", "--format=", made[-1]) == "fine.png"
+
+
+async def test_a_branch_ref_that_cannot_be_written_is_said_not_retried(repo):
+    lock = repo / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_text("")  # left by a git that was killed
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    with pytest.raises(GitError, match="lock"):
+        await ours.commit_batches([(["a.png"], "one")], {"a.png": b"a"})
+    await ours.close()
+    assert git(repo, "log", "--format=%s") == "init"
+
+
+async def test_a_relative_root_and_python_files_in_it_are_harmless(repo, monkeypatch):
+    monkeypatch.chdir(repo.parent)
+    (repo / "bisect.py").write_text("raise SystemExit('imported from the artifacts root')\n")
+    ours = GitRepo(type(repo)(repo.name), 60, "crawler", "c@c")
+    (made,) = await ours.commit_batches([(["a.png"], "one")], {"a.png": b"a"})
+    await ours.close()
+    assert git(repo, "show", "--name-only", "--format=", made) == "a.png"
