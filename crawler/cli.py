@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from . import engine, logs, report
+from . import engine, logs, native, report
 from .config import Config, ConfigError
 from .db import Database, DatabaseError
 from .git import GitError
@@ -59,6 +59,7 @@ def fail(message: str, status: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.one_malloc_arena()  # before any thread: see native.py
     args = build_parser().parse_args(argv)
     command = args.command or "run"
     if command == "run" and args.command is None:

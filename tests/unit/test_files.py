@@ -26,3 +26,17 @@ async def test_sync_to_disk_flushes_each_file_system_once(tmp_path, monkeypatch)
     monkeypatch.setattr(files, "_syncfs", lambda path: (flushed.append(path), real(path)))
     await files.sync_to_disk([tmp_path, tmp_path / "sub"])  # one file system: one real syncfs
     assert flushed == [tmp_path]
+
+
+def test_the_cli_puts_every_thread_on_one_malloc_arena_before_anything_else(monkeypatch):
+    import platform
+
+    import pytest
+
+    from crawler import cli, native
+    assert native.one_malloc_arena() is (platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(native, "one_malloc_arena", lambda: calls.append("arena") or True)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == ["arena"]
