@@ -155,12 +155,16 @@ class GitRepo:
         return await asyncio.wrap_future(self._thread.submit(fn, *args))
 
     # -- on the git thread -------------------------------------------------------------------------
-    def _git(self, *args: str, stdin: bytes | None = None) -> str:
+    def _git(self, *args: str, stdin: bytes | None = None, absent_ok: bool = False) -> str:
+        """git's output; with `absent_ok`, "" when git exits 1 saying nothing (`--verify -q`:
+        no such ref), any other failure still raised."""
         try:
             proc = subprocess.run(["git", *args], cwd=self.root, env=self._env, input=stdin,
                                   capture_output=True, timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             raise GitError(f"git {args[0]} took longer than {self.timeout_s:.0f} s") from None
+        if absent_ok and proc.returncode == 1 and not proc.stdout.strip() and not proc.stderr.strip():
+            return ""
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
             raise GitError(f"git {args[0]} failed: {first[0] if first else proc.returncode}")
@@ -169,17 +173,7 @@ class GitRepo:
     def _tip_now(self) -> str | None:
         """Where the branch we commit to is now (None: not born yet). Any other failure is
         raised, not taken for an unborn branch."""
-        try:
-            proc = subprocess.run(["git", "rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}"],
-                                  cwd=self.root, env=self._env, capture_output=True, timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise GitError(f"git rev-parse took longer than {self.timeout_s:.0f} s") from None
-        if proc.returncode == 1 and not proc.stdout.strip() and not proc.stderr.strip():
-            return None
-        if proc.returncode != 0:
-            first = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise GitError(f"git rev-parse failed: {first[0] if first else proc.returncode}")
-        return proc.stdout.decode().strip()
+        return self._git("rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}", absent_ok=True) or None
 
     def _commit_pack(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
                      known: Mapping[str, bytes]) -> list[str]:
@@ -188,7 +182,6 @@ class GitRepo:
             setup = self._setup()  # refuses what we cannot write before anything is noted
             every = [p for paths, _ in batches for p in paths]
             _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
-            self.refused = {}
             request = [([(p, known.get(p)) for p in paths], message) for paths, message in batches]
             for _attempt in range(3):  # someone else may move the branch between our read and our update
                 tip = self._tip_now()

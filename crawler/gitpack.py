@@ -30,7 +30,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -404,7 +403,9 @@ def _level(data: bytes) -> int:
 
 # -- reading the repository -----------------------------------------------------------------------
 class ObjectReader:
-    """`git cat-file --batch`: object contents by id (blocking; one question at a time)."""
+    """`git cat-file --batch`: object contents by id (blocking; one question at a time). No timer
+    of its own on this hot path (a folder read per paper): a hang is bounded by the job's
+    watchdog on the whole worker call, which kills the worker and with it this pipe."""
 
     def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
         self.proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=root, env=dict(env),
@@ -414,8 +415,6 @@ class ObjectReader:
     def read(self, oid: bytes | str, kind: str) -> bytes:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         name = oid.hex() if isinstance(oid, bytes) else oid
-        watchdog = threading.Timer(self.timeout_s, self.proc.kill)
-        watchdog.start()
         try:
             self.proc.stdin.write(name.encode() + b"\n")
             self.proc.stdin.flush()
@@ -430,8 +429,6 @@ class ObjectReader:
             return data[:size]
         except (BrokenPipeError, ValueError):
             raise PackError("git cat-file stopped") from None
-        finally:
-            watchdog.cancel()
 
     def close(self) -> None:
         try:
@@ -733,7 +730,8 @@ class _Worker:
             return proc.stdout
 
         try:
-            wanted = sorted({p for p in Path(intent).read_bytes().split(b"\0") if p})
+            wanted = sorted({p.decode("utf-8", "surrogateescape")
+                             for p in Path(intent).read_bytes().split(b"\0") if p})
         except FileNotFoundError:
             wanted = []
         if not wanted:
@@ -743,11 +741,10 @@ class _Worker:
         except PackError:
             return  # nothing committed yet: nothing to learn
         known = self.known if self.known_at is not None and self.known_at == head else {}
-        entries = [known[p.decode("utf-8", "surrogateescape")].encode("utf-8", "surrogateescape")
-                   for p in wanted if p.decode("utf-8", "surrogateescape") in known]
-        ask = [p for p in wanted if p.decode("utf-8", "surrogateescape") not in known]
+        entries = [known[p].encode("utf-8", "surrogateescape") for p in wanted if p in known]
+        ask = [p for p in wanted if p not in known]
         for i in range(0, len(ask), 500):  # pathspecs on the command line, in slices
-            listed = git("ls-tree", "-r", "-z", "HEAD", "--", *(p.decode("utf-8", "surrogateescape") for p in ask[i:i + 500]))
+            listed = git("ls-tree", "-r", "-z", "HEAD", "--", *ask[i:i + 500])
             entries += [e for e in listed.split(b"\0") if e]
         if entries:
             git("update-index", "-z", "--index-info", stdin=b"".join(e + b"\0" for e in entries))
