@@ -16,9 +16,9 @@ rest: 401/403, a 200 that is not an image, too large, redirect loops, bad or blo
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import random
-import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -60,37 +60,50 @@ class _Done(Exception):
         self.result = result
 
 
-def parse_retry_after(value: str | None, date_header: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
+def parse_retry_after(value: str | None, date_header: str | None, max_s: float = float("inf")) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), clamped to
+    [0, max_s] (`http.retry_after_max_s`: a value of years, or a date in year 9999, would
+    otherwise park a budget or a row for ever); None when absent or unreadable. Only ASCII digits count as delta-seconds
+    (str.isdigit() also takes "²" and Arabic-Indic digits, which float() then refuses)."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    value = value.strip()[:64]  # an HTTP date is 29 characters; anything longer is not one
+    if value and value.isascii() and value.isdigit():
+        return min(float(int(value[:12])), max_s)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     base = None
     if date_header:
         try:
-            base = email.utils.parsedate_to_datetime(date_header)
-        except (TypeError, ValueError, IndexError):
+            base = email.utils.parsedate_to_datetime(date_header.strip()[:64])
+        except (TypeError, ValueError, IndexError, OverflowError):
             base = None
     if base is None or base.tzinfo is None or when.tzinfo is None:
-        import datetime as _dt
-        base = _dt.datetime.now(_dt.UTC)
+        base = datetime.datetime.now(datetime.UTC)
         if when.tzinfo is None:
-            when = when.replace(tzinfo=_dt.UTC)
-    return max(0.0, (when - base).total_seconds())
-
-
-_LINK = re.compile(r'<([^>]*)>\s*;[^,]*rel="?blocked-by"?', re.I)
+            when = when.replace(tzinfo=datetime.UTC)
+    try:
+        delay = (when - base).total_seconds()
+    except OverflowError:
+        return max_s
+    return min(max(0.0, delay), max_s)
 
 
 def blocked_by(link_header: str | None) -> str | None:
-    m = _LINK.search(link_header or "")
-    return m.group(1) if m else None
+    """The target of a Link header's rel="blocked-by" entry (RFC 7725), or None. A plain split,
+    linear in the header's length."""
+    for entry in (link_header or "")[:8192].split(","):
+        target, sep, params = entry.partition(">")
+        target = target.strip()
+        if not sep or not target.startswith("<"):
+            continue
+        for param in params.split(";"):
+            name, _, val = param.partition("=")
+            if name.strip().lower() == "rel" and "blocked-by" in val.strip().strip('"').lower().split():
+                return target[1:]
+    return None
 
 
 def make_session(http: dict[str, Any], resolver: GuardedResolver) -> aiohttp.ClientSession:
@@ -163,7 +176,7 @@ class Fetcher:
             raise _Done(FetchResult("failed", str(url), "too_large", 200))
         temp = await TempFile(temp_dir, stem, self.http["buffer_bytes"]).open()
         ext = None
-        head = b""
+        head = tail = b""
         try:
             async for chunk in resp.content.iter_chunked(self.http["chunk_bytes"]):
                 if ext is None:
@@ -173,16 +186,27 @@ class Fetcher:
                 if temp.size + len(chunk) > max_bytes:
                     raise _Done(FetchResult("failed", str(url), "too_large", 200))
                 await temp.write(chunk)
+                tail = (tail + chunk)[-media.TAIL_BYTES:] if len(chunk) < media.TAIL_BYTES else chunk[-media.TAIL_BYTES:]
             if ext is None:
                 ext = self._check_image(head, ctype, url)
             if resp.content_length is not None and temp.size < resp.content_length:
                 raise _Done(FetchResult("transient", str(url), "truncated", 200))
             await temp.close()
+            # A body that ends early with no length to check it by (HTTP/1.0, or `Connection:
+            # close` without Content-Length) looks complete to HTTP: the format's end says.
+            if not await self._complete(temp, ext, head, tail):
+                raise _Done(FetchResult("transient", str(url), "truncated", 200))
         except BaseException:
             await temp.discard()
             raise
         raise _Done(FetchResult("fetched", str(url), None, 200, temp=temp, ext=ext,
                                 content_type=media.media_type(ctype) or media.KINDS[ext][0]))
+
+    @staticmethod
+    async def _complete(temp: TempFile, ext: str, head: bytes, tail: bytes) -> bool:
+        def check() -> bool:
+            return media.looks_complete(ext, head, tail, temp.size, temp.read_range)
+        return await asyncio.to_thread(check) if temp.on_disk and ext == ".tif" else check()
 
     def _check_image(self, head: bytes, ctype: str, url: URL) -> str:
         ext = media.sniff(head)
@@ -247,7 +271,8 @@ class Fetcher:
     def _retry_wait(self, budget: Budget, resp: aiohttp.ClientResponse, attempt: int, url: URL) -> float:
         """Pause the budget or pick this URL's own wait for a 429/503; raise when retrying is over."""
         loop_now = asyncio.get_running_loop().time()
-        delay = parse_retry_after(resp.headers.get("Retry-After"), resp.headers.get("Date"))
+        delay = parse_retry_after(resp.headers.get("Retry-After"), resp.headers.get("Date"),
+                                  self.http["retry_after_max_s"])
         named = delay is not None
         if delay is None:
             cap = min(self.http["backoff_max_s"], self.http["backoff_base_s"] * 2 ** attempt)

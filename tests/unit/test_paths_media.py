@@ -76,9 +76,27 @@ def test_retry_after_forms():
     assert parse_retry_after(None, None) is None
 
 
+@pytest.mark.parametrize("value", [
+    "99999999999999999999999", "1" * 400, "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_retry_after_that_is_huge_is_clamped(value):
+    assert parse_retry_after(value, None, 86400.0) == 86400.0
+
+
+@pytest.mark.parametrize("value", ["-5", "\u00b2", "\u0661\u0662", "\uff13", "3.5", "1e9", " ", "\x00", "Mon, 99 Foo", "Sat, 01 Jan 10000 00:00:00 GMT"])
+def test_retry_after_that_is_not_a_number_or_date_is_ignored(value):
+    assert parse_retry_after(value, "garbage", 86400.0) is None
+
+
+def test_retry_after_in_the_past_is_zero():
+    assert parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT", None, 86400.0) == 0.0
+
+
 def test_blocked_by_link():
     assert blocked_by('<https://example.org/legal>; rel="blocked-by"') == "https://example.org/legal"
     assert blocked_by('<https://x>; rel="next"') is None
+    assert blocked_by('<https://a>; rel="next", <https://b/why>; rel=blocked-by') == "https://b/why"
+    assert blocked_by('<https://a>; title="x, y"; rel="blocked-by"') is None  # no quoted commas: not found, no harm
+    assert blocked_by("garbage") is None and blocked_by(None) is None
 
 
 @pytest.mark.parametrize("addr, blocked", [
@@ -170,3 +188,31 @@ def test_an_image_cut_short_is_not_taken_for_complete():
         assert media.looks_complete(ext, body[:1024], body[-64:], len(body)), ext
         cut = body[: len(body) // 2]
         assert not media.looks_complete(ext, cut[:1024], cut[-64:], len(cut)), ext
+
+
+def test_a_tiff_is_complete_when_everything_its_directory_names_is_there():
+    import struct
+
+    from crawler import media
+    from crawler.sandbox import images
+
+    def complete(body: bytes) -> bool:
+        return media.looks_complete(".tif", body[:1024], body[-64:], len(body), lambda o, n: body[o:o + n])
+
+    tif = images.tiff(4, 3000)
+    assert complete(tif)
+    assert not media.looks_complete(".tif", tif[:1024], tif[-64:], len(tif))  # no way to look: not trusted
+    assert not any(complete(tif[:cut]) for cut in range(0, len(tif), 7))
+    # The image data after the directory (as many writers place it): a cut into the data shows too.
+    ifd = struct.pack("<H", 2) + struct.pack("<HHII", 273, 4, 1, 8 + 2 + 24 + 4) + struct.pack("<HHII", 279, 4, 1, 500)
+    data_after = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + bytes(500)
+    assert complete(data_after) and not complete(data_after[:-1])
+    # Big-endian, strips as SHORTs stored out of line.
+    strips = struct.pack(">3H", 64, 96, 128) + struct.pack(">3H", 32, 32, 32)
+    ifd = (struct.pack(">H", 2) + struct.pack(">HHII", 273, 3, 3, 38) + struct.pack(">HHII", 279, 3, 3, 44)
+           + b"\x00" * 4)
+    be = b"MM\x00*" + struct.pack(">I", 8) + ifd + strips + bytes(160 - 50)
+    assert len(be) == 160 and complete(be) and not complete(be[:159])
+    # A directory pointing past the end, a loop of nonsense, no image data at all: not complete.
+    assert not complete(b"II*\x00" + struct.pack("<I", 10_000) + bytes(100))
+    assert not complete(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 0) + bytes(10))
