@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import aiofiles
@@ -80,6 +80,21 @@ class TempFile:
         if self._fh is not None:
             fh, self._fh = self._fh, None
             await fh.close()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the body from `offset` (blocking when it is on disk: call from a
+        thread then). For format checks that look past the first and last bytes (TIFF)."""
+        if offset < 0 or length <= 0:
+            return b""
+        if not self.on_disk:
+            out, at = [], 0
+            for piece in self._buffer:
+                lo, hi = max(offset - at, 0), min(offset + length - at, len(piece))
+                if lo < hi:
+                    out.append(piece[lo:hi])
+                at += len(piece)
+            return b"".join(out)
+        return range_reader(self.path)(offset, length)
 
     async def discard(self) -> None:
         self._buffer = []
@@ -180,6 +195,17 @@ async def hash_file(path: Path, head_bytes: int = 1024, chunk: int = 1 << 20) ->
 async def hash_file_ends(path: Path, head_bytes: int = 1024, tail_bytes: int = 64) -> tuple[str, int, bytes, bytes]:
     """(sha256 hex, size, first `head_bytes`, last `tail_bytes`) of a file, in a worker thread."""
     return await asyncio.to_thread(_hash, path, head_bytes, 1 << 20, tail_bytes)
+
+
+def range_reader(path: Path) -> Callable[[int, int], bytes]:
+    """(offset, length) -> up to that many bytes of the file at `path` (blocking)."""
+    def read(offset: int, length: int) -> bytes:
+        if offset < 0 or length <= 0:
+            return b""
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+    return read
 
 
 async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[list[bool], list[str | None]]:

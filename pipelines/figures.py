@@ -294,7 +294,8 @@ class FigureJob:
             log.warning("row.foreign_file", artifact_id=artifact_id, path=rel,
                         error="a file that is not the expected image sits at the canonical path; fetching anew")
             return False
-        if not media.looks_complete(ext, head, tail, size):
+        if not await asyncio.to_thread(media.looks_complete, ext, head, tail, size,
+                                       files.range_reader(self.root / rel)):
             log.warning("row.incomplete_file", artifact_id=artifact_id, path=rel,
                         error="the file at the canonical path may have been cut short; fetching anew")
             return False

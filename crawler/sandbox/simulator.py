@@ -55,7 +55,8 @@ class Behaviour:
 
     ``reset`` drops the TCP connection with an RST and sends nothing. ``truncate_to``
     announces the full Content-Length but sends only the first N body bytes, then
-    closes. HEAD answers with ``head_status`` (or ``status``) and the same headers as
+    closes; with ``close_delimited`` no length is announced at all (HTTP/1.0 style, the
+    body ends with the connection), so a cut body looks complete to HTTP. HEAD answers with ``head_status`` (or ``status``) and the same headers as
     GET, Content-Length included, but no body. ``retry_after`` may be a callable that
     is evaluated per response, for HTTP dates relative to "now" (see :func:`http_date_in`).
     """
@@ -71,6 +72,7 @@ class Behaviour:
     head_status: int | None = None
     retry_after: str | Callable[[], str] | None = None
     location: str | None = None
+    close_delimited: bool = False  # no Content-Length and no chunking: the body ends where the connection does
 
 
 @dataclass
@@ -312,7 +314,7 @@ class UpstreamSimulator:
                 if i and behaviour.chunk_delay_s:
                     await asyncio.sleep(behaviour.chunk_delay_s)
                 await resp.write(body[i : i + CHUNK_SIZE])
-            if truncated:
+            if truncated or behaviour.close_delimited:
                 # Graceful close flushes the bytes already written, then FIN: the client
                 # sees EOF before Content-Length is reached.
                 request.protocol.force_close()
@@ -339,4 +341,8 @@ class UpstreamSimulator:
         if behaviour.location is not None:
             resp.headers["Location"] = behaviour.location
         resp.headers.update(behaviour.headers)
-        resp.content_length = len(behaviour.body)
+        if behaviour.close_delimited:
+            resp._length_check = False  # neither Content-Length nor chunked framing (private, like _prepare_headers)
+            resp.force_close()
+        else:
+            resp.content_length = len(behaviour.body)
