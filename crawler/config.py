@@ -132,8 +132,15 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:
             raise bad(f"{section}.{key}", f"must not be negative, got {tree[section][key]!r}")
-    if "{ext}" not in tree["artifacts"]["figure_path"]:
+    template = tree["artifacts"]["figure_path"]
+    if "{ext}" not in template:
         raise bad("artifacts.figure_path", "must contain {ext}")
+    if not tree["artifacts"]["path_resolver"]:
+        # Without the id two rows could share one file, and each fetch would overwrite the other's.
+        if "{artifact_id}" not in template:
+            raise bad("artifacts.figure_path", f"must contain {{artifact_id}} so that no two rows share a file, got {template!r}")
+        if template.startswith("/") or any(part in ("", ".", "..") for part in template.split("/")):
+            raise bad("artifacts.figure_path", f"must be a relative path without '.', '..' or empty segments, got {template!r}")
     resolver = tree["artifacts"]["path_resolver"]
     if resolver and not re.match(r"^[\w.]+:\w+$", resolver):
         raise bad("artifacts.path_resolver", f"must be 'module:function', got {resolver!r}")

@@ -222,13 +222,9 @@ async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[li
             return folders[folder] and regular(rel)
 
         def regular(rel: str) -> bool:
-            # A regular file itself, not a link to one (which could lead anywhere). A path the
-            # system refuses to look at (too long, no permission) counts as absent here; the
-            # row then meets the same error where it is handled, alone.
-            try:
-                return stat.S_ISREG(os.lstat(root / rel).st_mode)
-            except (OSError, ValueError):
-                return False
+            # A path the system refuses to look at (too long, no permission) counts as absent
+            # here; the row then meets the same error where it is handled, alone.
+            return _regular(root / rel)
 
         present = [rec is not None and regular(rec) for rec, _ in rows]
         found = [next((c for c in cands if is_file(c)), None) for _, cands in rows]
@@ -236,9 +232,18 @@ async def look(root: Path, rows: list[tuple[str | None, list[str]]]) -> tuple[li
     return await asyncio.to_thread(_do)
 
 
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a link to one (which could lead anywhere)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 async def existing(root: Path, rels: list[str]) -> set[str]:
-    """Which of these relative paths are regular files under root (one thread hop for all)."""
-    return await asyncio.to_thread(lambda: {r for r in rels if (root / r).is_file()})
+    """Which of these relative paths (already confined to root) are regular files there, not
+    links (one thread hop for all)."""
+    return await asyncio.to_thread(lambda: {r for r in rels if _regular(root / r)})
 
 
 def remove_stale_parts(top: Path) -> int:

@@ -3,8 +3,8 @@
 `GuardedResolver` is the aiohttp resolver for every connection the tool makes. For a
 "host:port" listed in `http.connect_to` it answers the configured address (curl --connect-to:
 the Host header, SNI and certificate check still use the URL's name); otherwise it resolves the
-name and, unless `allow_private_addresses`, refuses when any answer is loopback, private,
-link-local, multicast, reserved or unspecified. Checking the addresses the socket will actually
+name and, unless `allow_private_addresses`, refuses when any answer is not a globally routable
+unicast address (loopback, private, link-local, shared, reserved, multicast, unspecified...). Checking the addresses the socket will actually
 use (not a separate lookup beforehand) leaves no window for DNS rebinding.
 
 aiohttp does not consult the resolver for IP literals, so `check_literal` covers those.
@@ -24,11 +24,15 @@ class BlockedAddress(OSError):
 
 
 def is_blocked_ip(addr: str) -> bool:
+    """Whether an address is anything but a globally routable unicast one: loopback, private,
+    link-local, shared (100.64.0.0/10), documentation, benchmarking, reserved, multicast,
+    unspecified, and IPv6 forms that carry such an IPv4 address inside (mapped, 6to4, Teredo)."""
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified)
+    looked_at: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        looked_at += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a is not None]
+    return any(not a.is_global or a.is_private or a.is_loopback or a.is_link_local or a.is_multicast
+               or a.is_reserved or a.is_unspecified for a in looked_at)
 
 
 def _split_hostport(text: str) -> tuple[str, int]:

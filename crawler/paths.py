@@ -96,6 +96,18 @@ def contain(root: Path, relative: str) -> str:
     return norm
 
 
+def recorded(root: Path, value: object) -> str | None:
+    """A row's recorded `file_path` as a clean path inside `root`, or None when it cannot name a
+    file there (not text, absolute, `..`, through a link leading out). A path outside the root
+    never counts as the row's file: `/etc/hosts` is present on every machine."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return contain(root, value)
+    except PathError:
+        return None
+
+
 def contain_all(root: Path, relatives: list[str]) -> list[str]:
     """`contain` for several paths. Siblings (one folder, plain file names: a row's candidates
     for each extension) are checked through the first one alone: the folder is what could

@@ -209,7 +209,7 @@ class FigureJob:
                 for row in rows:
                     row["candidates"] = self._candidates(row)
                 present, on_disk = await files.look(self.root, [
-                    (r["file_path"] if isinstance(r["file_path"], str) and r["file_path"] else None,
+                    (paths.recorded(self.root, r["file_path"]),
                      list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
                 for row, is_present, found in zip(rows, present, on_disk):
                     if is_present:

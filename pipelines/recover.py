@@ -157,14 +157,16 @@ class RecoverJob:
     # -- rows and expectations ------------------------------------------------------------------
     async def _load(self) -> dict[str, RowState]:
         rows = await self.db.recovery_rows(list(self.rules), self.cfg["db"]["page_size"])
-        present = await files.existing(self.root, [r["file_path"] for r in rows
-                                                    if isinstance(r["file_path"], str) and paths_ok(r["file_path"])])
+        # A recorded path counts only inside the root, and not through a link: `/etc/hosts` or
+        # `../x` is no row's file.
+        recorded = {r["id"]: paths.recorded(self.root, r["file_path"]) for r in rows}
+        present = await files.existing(self.root, [p for p in recorded.values() if p is not None])
         states: dict[str, RowState] = {}
         for r in rows:
             s = RowState(r)
             states[r["id"]] = s
             meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
-            if r["file_path"] in present:
+            if recorded[r["id"]] in present:
                 s.decision = Decision("bound", meta.get("file_bind_confidence"), reason="already bound")
                 s.file_path = r["file_path"]
                 continue
@@ -375,7 +377,3 @@ class RecoverJob:
         return {"per_type": per_type, "plan": self.opts.plan, "confidence": dict(confidence),
                 "searched": self.searched, "commits": self.committer.commits,
                 "commit_failed_files": self.committer.failed_files, "interrupted": self._stopping}
-
-
-def paths_ok(rel: str) -> bool:
-    return ev.clean_relative(rel) is not None

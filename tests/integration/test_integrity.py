@@ -60,3 +60,30 @@ async def test_a_close_delimited_body_cut_short_is_transient_not_fetched(dsn, re
     assert stored == ["whole-png.png", "whole-tif.tif"]
     assert not [p for p in git(repo, "ls-tree", "-r", "--name-only", "HEAD").split() if "cut-" in p]
     assert summary["transient"] == 3 and summary["fetched"] == 2
+
+
+async def test_a_recorded_path_outside_the_root_is_no_rows_file(dsn, repo, sim, tmp_path):
+    """`/etc/hosts`, `../x` and a link leading out exist, but not under the artifacts root: each
+    row is missing and is fetched to its canonical path, which then replaces the bad one."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(PNG)
+    (repo / "figures").mkdir()
+    (repo / "figures" / "link.png").symlink_to(outside)
+    (repo / "inside.png").write_bytes(PNG)
+    recorded = {"h-abs": "/etc/hosts", "h-up": "../outside.png", "h-link": "figures/link.png",
+                "h-dots": "figures/../../outside.png", "h-inside": "inside.png"}
+    rows = []
+    for rid, fp in recorded.items():
+        sim.set_route("cdn.example.com", f"/{rid}.png", Behaviour(body=PNG))
+        rows.append((rid, {"image_url": url("cdn.example.com", f"/{rid}.png"), "paper_id": "P"}, fp))
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path)
+    _, summary = await run_figures(cfg)
+    got = await rows_by_id(dsn)
+    for rid in ("h-abs", "h-up", "h-link", "h-dots"):
+        assert got[rid]["file_path"] == f"figures/papers/P/{rid}.png", rid
+        assert got[rid]["metadata"]["image_fetch_outcome"] == "fetched"
+    assert got["h-inside"]["file_path"] == "inside.png" and "image_fetch_outcome" not in got["h-inside"]["metadata"]
+    assert summary["fetched"] == 4 and summary["present"] == 1
+    assert sorted(r.path for r in sim.log if r.method == "GET") == [f"/{r}.png" for r in ("h-abs", "h-dots", "h-link", "h-up")]
+    assert outside.read_bytes() == PNG

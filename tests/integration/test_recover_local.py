@@ -153,3 +153,23 @@ async def test_a_bound_rows_file_is_never_bound_to_another_row_by_name(dsn, repo
     _, summary = await run_recover(recover_config(dsn, repo, tmp_path))
     assert (await rows_by_id(dsn))["d-b"]["file_path"] is None
     assert summary["per_type"]["dataset"] == {"rows": 2, "bound": 1, "needs_review": 1, "unrecoverable": 0, "missing": 0}
+
+
+async def test_a_recorded_path_outside_the_root_is_not_the_rows_file(dsn, repo, tmp_path):
+    """`/etc/hosts` and a link leading out exist, but are no row's file: the rows are looked for
+    and bound to the file found in the checkout."""
+    outside = tmp_path / "secret.csv"
+    outside.write_bytes(b"not,ours\n")
+    put(repo, "datasets/a.csv", b"a,1\n")
+    put(repo, "datasets/b.csv", b"b,2\n")
+    (repo / "datasets" / "link.csv").symlink_to(outside)
+    await insert_artifacts(dsn, [
+        ("o-abs", "dataset", {"expected_path": "datasets/a.csv"}, "/etc/hosts"),
+        ("o-link", "dataset", {"expected_path": "datasets/b.csv"}, "datasets/link.csv"),
+    ])
+    cfg = recover_config(dsn, repo, tmp_path)
+    await run_recover(cfg)
+    got = await rows_by_id(dsn)
+    assert got["o-abs"]["file_path"] == "datasets/a.csv"
+    assert got["o-link"]["file_path"] == "datasets/b.csv"
+    assert got["o-abs"]["metadata"]["file_bind_confidence"] == "high"

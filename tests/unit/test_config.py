@@ -41,6 +41,11 @@ def test_override_key_by_key_and_env_dsn(tmp_path):
     ("[budgets.cdn]\nhosts=['x.org']\nmax_inflight = 0\nrate_per_s = 1\n", "budgets.cdn.max_inflight"),
     ("[db]\nartifacts_table = 'a; drop table x'\n", "db.artifacts_table"),
     ("[artifacts]\nfigure_path = 'figures/{artifact_id}'\n", "artifacts.figure_path"),
+    # two rows could share one file: refused before anything is fetched
+    ("[artifacts]\nfigure_path = 'figures/{paper_id}/{figure_label}{ext}'\n", "artifacts.figure_path"),
+    ("[artifacts]\nfigure_path = 'figures/{artifact_id}/../x{ext}'\n", "artifacts.figure_path"),
+    ("[artifacts]\nfigure_path = '/srv/{artifact_id}{ext}'\n", "artifacts.figure_path"),
+    ("[http]\nretry_after_max_s = 0\n", "http.retry_after_max_s"),
     ("[http.connect_to]\n'europepmc.org' = '127.0.0.1:1'\n", "http.connect_to"),
     ("[artifacts]\ncommit_batch = 0\n", "artifacts.commit_batch"),
     ("[recovery]\ns3_prefix = 'scidex/backups'\n", "recovery.s3_prefix"),

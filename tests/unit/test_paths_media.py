@@ -103,6 +103,10 @@ def test_blocked_by_link():
     ("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.1", True), ("172.16.5.4", True),
     ("169.254.169.254", True), ("::1", True), ("fe80::1", True), ("::ffff:127.0.0.1", True),
     ("0.0.0.0", True), ("93.184.216.34", False), ("2606:4700::1111", False),
+    # not globally routable, though not "private" to older checks
+    ("100.64.0.1", True), ("100.127.255.254", True), ("198.18.0.1", True), ("192.0.2.1", True),
+    ("2001:db8::1", True), ("240.0.0.1", True), ("255.255.255.255", True), ("224.0.0.1", True),
+    ("::ffff:100.64.0.1", True), ("2002:a00:1::1", True), ("2002:5db8:d822::1", False),
 ])
 def test_private_addresses(addr, blocked):
     assert is_blocked_ip(addr) is blocked
