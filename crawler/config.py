@@ -129,6 +129,7 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
         if not tree[section][key] > 0:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")
     for section, key in [("http", "max_redirects"), ("http", "max_retries"), ("run", "drain_timeout_s"),
+                         ("http", "head_404_confirm"),
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:
             raise bad(f"{section}.{key}", f"must not be negative, got {tree[section][key]!r}")

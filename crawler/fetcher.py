@@ -1,6 +1,7 @@
 """The downloader: one URL → HEAD then GET → an outcome, every request inside its budget.
 
-Per URL: HEAD (405/501 → straight to GET); on 200, GET streaming the body into a temporary file
+Per URL: HEAD (405/501 → straight to GET; a host's first HEAD 404s are confirmed by a GET, and
+a host caught answering HEAD 404 for what GET serves is not asked HEAD again); on 200, GET streaming the body into a temporary file
 beside the target while hashing. Each redirect hop is a request of its own, under the budget of
 the host it goes to. 429 and 503 are retried a bounded number of times: a Retry-After (seconds,
 or an HTTP date counted against the response's Date) pauses the whole budget — as does any 429,
@@ -126,26 +127,56 @@ def make_session(http: dict[str, Any], resolver: GuardedResolver) -> aiohttp.Cli
     return session
 
 
+@dataclass
+class HeadTrust:
+    """Whether a host's HEAD 404s may be taken as final. Some servers and CDNs answer HEAD with
+    404 (or a 405 disguised as one) while GET serves the file: a HEAD 404 taken on trust would
+    mark such rows unavailable for ever. So each host's first `http.head_404_confirm` HEAD 404s
+    are asked again with a GET; once one GET succeeds, the host's HEADs are not asked again this
+    run (its rows go straight to GET)."""
+
+    confirmed: int = 0     # HEAD 404s a GET agreed with
+    lying: bool = False    # a GET served what its HEAD called gone
+
+
 class Fetcher:
     def __init__(self, session: aiohttp.ClientSession, budgets: Budgets, resolver: GuardedResolver,
-                 http: dict[str, Any], rng: random.Random | None = None) -> None:
+                 http: dict[str, Any], rng: random.Random | None = None,
+                 on_head_lies: Callable[[str, str], None] | None = None) -> None:
         self.session = session
         self.budgets = budgets
         self.resolver = resolver
         self.http = http
         self.rng = rng or random.Random()
+        self.head_trust: dict[str, HeadTrust] = {}
+        self._on_head_lies = on_head_lies
+
+    @property
+    def head_untrusted(self) -> list[str]:
+        """Hosts whose HEAD 404s turned out false this run."""
+        return sorted(h for h, t in self.head_trust.items() if t.lying)
 
     async def fetch(self, url: str, temp_dir: Path, stem: str) -> FetchResult:
         """Try `url` once (with its bounded retries); never raises for network or HTTP trouble."""
         state = FetchResult("failed", url)
         try:
             target = self._parse(url)
-            head_ok = await self._chain("HEAD", target, state, self._after_head)
-            await self._chain("GET", head_ok, state, lambda r, u: self._body(r, u, state, temp_dir, stem))
+            if self._trust(target.host or "").lying:
+                get_from, confirming = target, None
+            else:
+                get_from, confirming = await self._chain("HEAD", target, state, self._after_head)
+            await self._chain("GET", get_from, state,
+                              lambda r, u: self._body(r, u, state, temp_dir, stem, confirming))
         except _Done as done:
             done.result.requests = state.requests
             return done.result
         raise AssertionError("unreachable: the GET chain always ends in _Done")
+
+    def _trust(self, host: str) -> HeadTrust:
+        trust = self.head_trust.get(host)
+        if trust is None:
+            trust = self.head_trust[host] = HeadTrust()
+        return trust
 
     # -- steps ------------------------------------------------------------------------------------
     def _parse(self, url: str) -> URL:
@@ -161,13 +192,28 @@ class Fetcher:
             raise _Done(FetchResult("failed", url, "blocked_address")) from None
         return u
 
-    async def _after_head(self, resp: aiohttp.ClientResponse, url: URL) -> URL:
+    async def _after_head(self, resp: aiohttp.ClientResponse, url: URL) -> tuple[URL, str | None]:
+        """Where GET goes next (the URL HEAD ended on, after its redirects), and the host whose
+        HEAD 404 that GET confirms, if it does."""
         if resp.status == 200 or resp.status in (405, 501):
-            return url  # GET the URL HEAD ended on (after its redirects)
+            return url, None
+        if resp.status in HARD_404:
+            host = url.host or ""
+            trust = self._trust(host)
+            if trust.lying or trust.confirmed < self.http["head_404_confirm"]:
+                return url, host
         raise _Done(self._classify(resp, url))
 
     async def _body(self, resp: aiohttp.ClientResponse, url: URL, state: FetchResult,
-                    temp_dir: Path, stem: str) -> None:
+                    temp_dir: Path, stem: str, confirming: str | None = None) -> None:
+        if confirming is not None:
+            trust = self._trust(confirming)
+            if resp.status in HARD_404:
+                trust.confirmed += 1
+            elif resp.status == 200 and not trust.lying:
+                trust.lying = True
+                if self._on_head_lies is not None:
+                    self._on_head_lies(confirming, str(url))
         if resp.status != 200:
             raise _Done(self._classify(resp, url))
         ctype = resp.headers.get("Content-Type", "")

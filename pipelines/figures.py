@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from yarl import URL
 
-from crawler import engine, files, media, paths, sink as contract
+from crawler import engine, files, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
 from crawler.committer import Committer, PlacedFile
 from crawler.config import Config
@@ -97,6 +97,7 @@ class FigureJob:
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._started = time.monotonic()
         self._now_iso = iso(utcnow())
+        self.fetcher: Fetcher | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -121,7 +122,7 @@ class FigureJob:
         plan = await self._plan()
         resolver = GuardedResolver(self.http["connect_to"], self.http["allow_private_addresses"])
         session = make_session(self.http, resolver)
-        self.fetcher = Fetcher(session, self.budgets, resolver, self.http)
+        self.fetcher = Fetcher(session, self.budgets, resolver, self.http, on_head_lies=self._on_head_lies)
         self.sink.start()
         self.committer.start()
         producers: list[asyncio.Task[None]] = []
@@ -332,6 +333,10 @@ class FigureJob:
     def _on_pause(self, budget: Budget, seconds: float, reason: str) -> None:
         log.warning("budget.paused", budget=budget.name, seconds=round(seconds, 3), reason=reason)
 
+    def _on_head_lies(self, host: str, url: str) -> None:
+        log.warning("host.head_404_untrusted", host=host, url=redact.url(url),
+                    note="a GET served what its HEAD called gone: this host's rows go straight to GET this run")
+
     def _on_resume(self, budget: Budget) -> None:
         log.info("budget.resumed", budget=budget.name)
 
@@ -372,6 +377,8 @@ class FigureJob:
             "commits": self.committer.commits,
             "commit_failed_files": self.committer.failed_files,
             "requests_per_budget": {b.name: b.stats.started for b in self.budgets.all()},
+            # Hosts that answered HEAD 404 for files GET then served: their HEAD 404s were not trusted.
+            "head_404_untrusted": self.fetcher.head_untrusted if self.fetcher is not None else [],
         }
 
 

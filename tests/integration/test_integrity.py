@@ -87,3 +87,37 @@ async def test_a_recorded_path_outside_the_root_is_no_rows_file(dsn, repo, sim, 
     assert summary["fetched"] == 4 and summary["present"] == 1
     assert sorted(r.path for r in sim.log if r.method == "GET") == [f"/{r}.png" for r in ("h-abs", "h-dots", "h-link", "h-up")]
     assert outside.read_bytes() == PNG
+
+
+async def test_a_host_whose_head_404s_lie_loses_no_row(dsn, repo, sim, tmp_path):
+    """cdn.example.com answers every HEAD with 404 and serves every GET: no row may be marked
+    unavailable. media.example.net 404s both ways: after the configured number of agreeing GETs
+    its HEAD 404s are trusted and its other rows cost one request each."""
+    rows = []
+    for i in range(6):
+        sim.set_route("cdn.example.com", f"/liar{i}.png", Behaviour(body=images.png(10 + i, 800), head_status=404))
+        rows.append((f"liar-{i}", {"image_url": url("cdn.example.com", f"/liar{i}.png"), "paper_id": "P"}, None))
+        sim.set_route("media.example.net", f"/gone{i}.png", Behaviour(status=404, content_type="text/html"))
+        rows.append((f"gone-{i}", {"image_url": url("media.example.net", f"/gone{i}.png"), "paper_id": "P"}, None))
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"head_404_confirm": 2},
+                        budgets={"default": {"max_inflight": 1, "rate_per_s": 200.0}})
+    status, summary = await run_figures(cfg)
+    assert status == 0
+    got = await rows_by_id(dsn)
+    for i in range(6):
+        liar = got[f"liar-{i}"]
+        assert liar["metadata"]["image_fetch_outcome"] == "fetched" and "image_unavailable" not in liar["metadata"]
+        assert (repo / liar["file_path"]).read_bytes() == images.png(10 + i, 800)
+        assert got[f"gone-{i}"]["metadata"]["image_unavailable"] is True
+    # The liar: one HEAD (its 404 confirmed by a GET that served the file), then GET only.
+    liar_log = sim.requests_for(host="cdn.example.com")
+    assert [r.method for r in liar_log].count("HEAD") == 1 and [r.method for r in liar_log].count("GET") == 6
+    # The honest host: two confirming GETs, then its HEAD 404s are trusted.
+    honest = sim.requests_for(host="media.example.net")
+    assert [r.method for r in honest].count("HEAD") == 6 and [r.method for r in honest].count("GET") == 2
+    assert summary["head_404_untrusted"] == ["cdn.example.com"]
+    assert summary["fetched"] == 6 and summary["hard_404"] == 6
+    events = [json.loads(line) for line in
+              (Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl").read_text().splitlines()]
+    assert [e["host"] for e in events if e["event"] == "host.head_404_untrusted"] == ["cdn.example.com"]
