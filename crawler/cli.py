@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from . import engine, logs, native, report
+from . import engine, logs, native, redact, report
 from .config import Config, ConfigError
 from .db import Database, DatabaseError
 from .git import GitError
@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SECRETS: tuple[str, ...] = ()  # the loaded configuration's, masked in every line printed
+
+
 def fail(message: str, status: int) -> int:
-    print(f"crawler: {message}", file=sys.stderr)
+    print(f"crawler: {redact.scrub(message, _SECRETS)}", file=sys.stderr)
     return status
 
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
+    global _SECRETS
+    _SECRETS = cfg.secrets()
     if getattr(args, "limit", None) is not None and args.limit < 1:
         return fail("--limit must be at least 1", engine.EXIT_USAGE)
     if command == "report":

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import redact
+
 ENV_DSN = "CRAWLER_DSN"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.*:_-]+\]?:\d{1,5}$")
@@ -104,12 +106,15 @@ class Config:
     def masked(self) -> dict[str, Any]:
         """The tree with secrets (passwords in DSNs and URLs) replaced, for logs and reports."""
         tree = copy.deepcopy(self.raw)
-        tree["db"]["dsn"] = mask_dsn(tree["db"]["dsn"])
+        tree["db"]["dsn"] = redact.dsn(tree["db"]["dsn"])
+        if tree["s3"]["endpoint_url"]:
+            tree["s3"]["endpoint_url"] = redact.url(tree["s3"]["endpoint_url"])
         return tree
 
-
-def mask_dsn(dsn: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    def secrets(self) -> tuple[str, ...]:
+        """The secret strings this configuration holds, for the log writer to mask wherever
+        they turn up (an exception's text, say)."""
+        return redact.secrets_in_dsn(self.raw["db"]["dsn"]) + redact.secrets_in_dsn(self.raw["s3"]["endpoint_url"])
 
 
 def _validate(tree: dict[str, Any], origin: str) -> None:

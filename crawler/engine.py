@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import logs, native, report
+from . import logs, native, redact, report
 from .config import Config
 from .db import Database
 from .sink import iso, utcnow
@@ -54,7 +54,7 @@ async def run_job(cfg: Config, db: Database, command: str,
     """Run one job as a run of its own; returns (exit status, summary)."""
     run_id = new_run_id(command)
     folder = report.run_dir(Path(cfg["report"]["dir"]), run_id)
-    logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose)
+    logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()
     t0 = time.monotonic()
     await db.start_run(run_id, command, cfg.masked())
@@ -90,6 +90,7 @@ async def run_job(cfg: Config, db: Database, command: str,
             loop.remove_signal_handler(sig)
         summary = {"run_id": run_id, "command": command, "status": status, "started_at": iso(started),
                    "finished_at": iso(utcnow()), "duration_s": round(time.monotonic() - t0, 3), **summary}
+        summary = redact.deep(summary, cfg.secrets())  # an error's text may quote a DSN or a URL
         report.write_summary(folder, summary)
         try:
             await db.finish_run(run_id, status, _lean(summary))

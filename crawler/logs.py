@@ -15,19 +15,26 @@ from typing import Any, TextIO
 
 import structlog
 
+from . import redact
+
 QUIET_ON_CONSOLE = frozenset({"row.outcome"})
 FLUSH_EVERY_S = 0.5
 FILE_ONLY_KEYS = frozenset({"config"})  # the effective config is long: the JSON log keeps it
 
 
 class _Fanout:
-    def __init__(self, file: TextIO | None, console: TextIO | None, verbose: bool) -> None:
+    def __init__(self, file: TextIO | None, console: TextIO | None, verbose: bool,
+                 secrets: tuple[str, ...] = ()) -> None:
         self.file = file
         self.console = console
         self.verbose = verbose
+        self.secrets = secrets
         self._flushed = time.monotonic()
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+        # Nothing secret is written: URL credentials, DSN passwords and the configuration's own
+        # secrets are masked in every value, whatever put them there (an exception's text).
+        event = redact.deep(event, self.secrets)
         if self.file is not None:
             self.file.write(json.dumps(event, default=str, separators=(",", ":")) + "\n")
             # `tail -f` sees a line within FLUSH_EVERY_S; a flush per row would cost a syscall each.
@@ -47,7 +54,8 @@ class _Fanout:
 _open_file: TextIO | None = None
 
 
-def configure(run_id: str | None, log_file: Path | None, console: bool, verbose: bool = False) -> None:
+def configure(run_id: str | None, log_file: Path | None, console: bool, verbose: bool = False,
+              secrets: tuple[str, ...] = ()) -> None:
     """Route structlog to the run's JSON file and the console. Call again for the next run."""
     global _open_file
     if _open_file is not None:
@@ -64,7 +72,7 @@ def configure(run_id: str | None, log_file: Path | None, console: bool, verbose:
     structlog.contextvars.clear_contextvars()
     if run_id:
         structlog.contextvars.bind_contextvars(run_id=run_id)
-    processors.append(_Fanout(_open_file, sys.stderr if console else None, verbose))
+    processors.append(_Fanout(_open_file, sys.stderr if console else None, verbose, secrets))
     structlog.configure(processors=processors, cache_logger_on_first_use=False)
 
 

@@ -9,7 +9,8 @@ reaches a message some other way (an exception's text) is masked too.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameters that carry a secret in DSNs and presigned or token URLs.
@@ -23,8 +24,10 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)(?P<info>[^/
 _KEYWORD = re.compile(r"(?P<key>\b(?:password|sslpassword)\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|\S+)", re.I)
 
 
-def url(text: object) -> str:
-    """A URL with its userinfo and secret query values masked; anything else as text, scrubbed."""
+def url(text: object, bare_user_is_secret: bool = True) -> str:
+    """A URL with its userinfo and secret query values masked; anything else as text, scrubbed.
+    `user:password@` keeps the user (who, not a secret); a bare `user@` is masked too unless
+    told otherwise, as in a URL it is often a token."""
     raw = str(text)
     try:
         parts = urlsplit(raw)
@@ -34,7 +37,12 @@ def url(text: object) -> str:
         return scrub(raw)
     netloc = parts.netloc
     if "@" in netloc:
-        netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
+        info, _, host = netloc.rpartition("@")
+        user, colon, _ = info.partition(":")
+        if colon:
+            netloc = f"{user}:{MASK}@{host}"
+        elif bare_user_is_secret:
+            netloc = f"{MASK}@{host}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -45,10 +53,52 @@ def url(text: object) -> str:
 
 
 def dsn(text: str) -> str:
-    """A PostgreSQL DSN (URL or keyword/value form) with its password masked."""
+    """A PostgreSQL DSN (URL or keyword/value form) with its password masked. In the URL form
+    the user information ends at the last `@`: a password may hold `@`, `/`, `?` or `#`
+    unencoded, and whatever libpq makes of that, none of it is written."""
+    if "://" not in text:
+        return _KEYWORD.sub(lambda m: m.group("key") + MASK, text)
+    scheme, _, rest = text.partition("://")
+    if "@" in rest:
+        info, _, rest = rest.rpartition("@")
+        user, colon, _ = info.partition(":")
+        rest = f"{user}:{MASK}@{rest}" if colon else f"{info}@{rest}"
+    return url(f"{scheme}://{rest}", bare_user_is_secret=False)
+
+
+def secrets_in_dsn(text: str) -> tuple[str, ...]:
+    """The secret values a DSN or URL holds (its password, secret query values, a keyword-form
+    password), each as written and percent-decoded."""
+    if not text:
+        return ()
+    found: list[str] = []
     if "://" in text:
-        return url(text)
-    return _KEYWORD.sub(lambda m: m.group("key") + MASK, text)
+        rest = text.partition("://")[2]
+        if "@" in rest:
+            info = rest.rpartition("@")[0]
+            if ":" in info:
+                found.append(info.partition(":")[2])
+        query = rest.partition("?")[2]
+        for pair in query.split("&"):
+            key, eq, value = pair.partition("=")
+            if eq and key.lower() in SECRET_PARAMS:
+                found.append(value)
+    for m in _KEYWORD.finditer(text):
+        found.append(m.group("value").strip("'"))
+    out = {s for s in found if len(s) >= 3}  # masking "a" everywhere would mangle every line
+    out |= {unquote(s) for s in out}
+    return tuple(sorted(out, key=len, reverse=True))
+
+
+def deep(value: Any, known: tuple[str, ...] = ()) -> Any:
+    """`scrub` applied to every string inside dicts and lists (a summary, a log event)."""
+    if isinstance(value, str):
+        return scrub(value, known)
+    if isinstance(value, dict):
+        return {k: deep(v, known) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [deep(v, known) for v in value]
+    return value
 
 
 def scrub(text: str, known: tuple[str, ...] = ()) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from . import redact
 from .db import Change, Database
 
 log = structlog.get_logger()
@@ -46,14 +47,14 @@ def figure_fetched(artifact_id: str, file_path: str, sha256: str, size: int, con
         "file_sha256": sha256, "file_size_bytes": size, "file_content_type": content_type,
         "file_fetched_at": iso(fetched_at), "file_commit": commit,
         "image_fetch_outcome": "fetched", "image_last_attempt_at": iso(fetched_at),
-    }, detail={"url": url})
+    }, detail={"url": redact.url(url)})
 
 
 def figure_hard_404(artifact_id: str, status: int, at: datetime, url: str,
                     blocked_by: str | None = None) -> Change:
-    detail: dict[str, Any] = {"url": url, "status": status}
+    detail: dict[str, Any] = {"url": redact.url(url), "status": status}
     if blocked_by:
-        detail["blocked_by"] = blocked_by
+        detail["blocked_by"] = redact.url(blocked_by)
     return Change(artifact_id, "hard_404", bump_key="image_fetch_attempts", patch={
         "image_unavailable": True, "image_404_at": iso(at), "image_http_status": status,
         "image_fetch_outcome": "hard_404", "image_last_attempt_at": iso(at),
@@ -72,7 +73,7 @@ def figure_retryable(artifact_id: str, outcome: str, error: str, at: datetime, u
     if status is not None:
         patch["image_http_status"] = status
     return Change(artifact_id, outcome, patch=patch, bump_key="image_fetch_attempts",
-                  detail={"url": url, "error": error})
+                  detail={"url": redact.url(url), "error": error})
 
 
 def transient_next_attempt(at: datetime, retry_after_s: float) -> datetime:

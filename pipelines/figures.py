@@ -318,7 +318,8 @@ class FigureJob:
             next_at = contract.transient_next_attempt(now, max(wait, 0.0)) if r.outcome == "transient" else None
             change = contract.figure_retryable(artifact_id, r.outcome, r.error or "unknown", now, r.url, next_at, r.status)
             if r.outcome == "failed" and len(self.tally.failed_rows) < 1000:
-                self.tally.failed_rows.append({"artifact_id": artifact_id, "error": r.error or "", "url": r.url})
+                self.tally.failed_rows.append({"artifact_id": artifact_id, "error": r.error or "",
+                                               "url": redact.url(r.url)})
         self.sink.record(change)
         self.tally.add(host, r.outcome, r.error)
         log.info("row.outcome", artifact_id=artifact_id, outcome=r.outcome, host=host, status=r.status,
