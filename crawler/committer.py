@@ -176,5 +176,5 @@ class Committer:
         await self.commit_pending(everything=True)
         try:
             await self._repo.close()
-        except (GitError, OSError) as exc:  # commits are made; only `git status` would look odd
-            log.error("repo.index_sync_failed", error=str(exc))
+        except (GitError, OSError) as exc:  # commits are made and the index knows them
+            log.error("repo.close_failed", error=str(exc))

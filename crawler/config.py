@@ -25,6 +25,13 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.*:_-]+\]?:\d{1,5}$")
 
 
+# Keys earlier versions had, and why they are gone; an override file may still name them.
+RETIRED = {
+    "artifacts.index_sync_commits": "the checkout's index now moves with every commit",
+    "artifacts.index_sync_interval_s": "the checkout's index now moves with every commit",
+}
+
+
 class ConfigError(Exception):
     """A configuration problem; str() is the one line shown to the operator."""
 
@@ -63,6 +70,8 @@ def _merge(defaults: dict, override: dict, where: str, origin: str, free: bool =
                         raise ConfigError(f"{origin}: budgets.{name} must be a table")
                     merged["budgets"][name] = {**base, **table}
             continue
+        if dotted in RETIRED:
+            continue  # a key an earlier version had: no longer used, and no reason to refuse a file
         if key not in defaults and not free:
             raise ConfigError(f"{origin}: unknown key {dotted}")
         if isinstance(defaults.get(key), dict):

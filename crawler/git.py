@@ -6,12 +6,16 @@ staged or modified besides is neither included nor disturbed), one pack per call
 branch moves by compare-and-swap from where it was read, never over anyone's newer or older tip.
 No process per commit, no loose object per file, and no work per commit that grows with a big
 folder beyond hashing it: this is where a commit's time went (fast-import, before, scanned and
-re-sorted the one-entry-per-paper folder for every file). The checkout's own index then learns
-the new entries for those paths only (every `index_sync_commits` commits and at close), so
-`git status` stays clean for them. Commits are serialised by a lock file in the git directory,
-so two processes never interleave; a branch moved by anyone else is noticed and built upon.
-When a site's own commit helper is configured, it gets the paths as arguments and we check its
-commit holds them.
+re-sorted the one-entry-per-paper folder for every file).
+
+The checkout's own index moves with the branch, under git's own `index.lock` (IndexLock): it
+learns the committed entries of our paths, then the branch moves. A user's `git commit` holds
+that lock from reading the index until it moves the branch, so it sees both or neither and can
+never commit the deletion of our files; `git status` stays clean for them. The index is kept
+split (core.splitIndex) so that each commit rewrites the entries changed since its shared part
+was written, not the million the checkout may hold. Commits of our own processes are serialised
+by a lock file in the git directory. When a site's own commit helper is configured, it gets the
+paths as arguments and we check its commit holds them.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import collections
 import concurrent.futures
 import fcntl
 import os
-import shlex
 import pickle
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,15 +46,16 @@ class GitError(Exception):
 
 class GitRepo:
     def __init__(self, root: Path, timeout_s: float, author_name: str, author_email: str,
-                 commit_command: str = "", index_sync_commits: int = 1, index_sync_interval_s: float = 0.0) -> None:
+                 commit_command: str = "", split_index: bool = True) -> None:
         self.root = root
         self.timeout_s = timeout_s
         self.commit_command = commit_command
-        self.index_sync_commits = index_sync_commits
-        # A sync rewrites the whole index file (about 100 bytes a tracked file): with a million
-        # files, a second of git's CPU. So it also waits this long since the last one.
-        self.index_sync_interval_s = index_sync_interval_s
-        self._last_sync = time.monotonic()
+        # Each commit rewrites the checkout's index; split, that is the entries changed since its
+        # shared part was written, not all of them (about 100 bytes a tracked file: 100 MB at a
+        # million files).
+        self.split_index = split_index
+        self._split_config: str | None = None
+        self._legacy_done: Path | None = None
         self._git_dir: Path | None = None
         self._branch: str | None = None       # the checked-out branch, refs/heads/...
         self._worker: _PackWorker | None = None
@@ -60,7 +66,6 @@ class GitRepo:
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self.warnings: list[str] = []  # said by the git thread, logged by the caller
         self.refused: dict[str, str] = {}  # paths the last commit_batches left out, and why
-        self._commits_since_sync = 0
         self._env = {**os.environ, "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
                      "GIT_COMMITTER_NAME": author_name, "GIT_COMMITTER_EMAIL": author_email,
                      "GIT_TERMINAL_PROMPT": "0"}
@@ -180,37 +185,85 @@ class GitRepo:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             setup = self._setup()  # refuses what we cannot write before anything is noted
-            every = [p for paths, _ in batches for p in paths]
-            _append(gitdir / UNSYNCED, b"".join(_bytes(p) + b"\0" for p in every))
             request = [([(p, known.get(p)) for p in paths], message) for paths, message in batches]
-            for _attempt in range(3):  # someone else may move the branch between our read and our update
-                tip = self._tip_now()
-                made, refused = self._worker_now().commit(setup, tip, request)
-                self.refused = refused
-                if not made:  # every file refused
-                    if tip is None:
-                        raise GitError("nothing could be committed on an empty branch")
-                    return [tip] * len(batches)
-                if made[-1] != tip:
-                    try:
-                        self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
-                    except GitError:
+            # The pack is built before git's index lock is taken: a user's `git add` waits for no
+            # hashing or pack writing of ours, only for the few steps under the lock.
+            tip = self._tip_now()
+            made, refused, entries = self._worker_now().commit(setup, tip, request)
+            with IndexLock(gitdir, self.timeout_s, self.warnings) as index:
+                for _attempt in range(3):
+                    now = self._tip_now()
+                    if now != tip:  # moved while we built: build again, under the lock (no git commit can move it now)
                         self._worker_now().forget()
-                        if self._tip_now() != tip:
-                            continue  # moved meanwhile: build again on where it is now
-                        raise  # not moved: the ref cannot be written (a stale lock, a full disk)
-                self._commits_since_sync += len(batches)
-                if (self._commits_since_sync >= self.index_sync_commits
-                        and time.monotonic() - self._last_sync >= self.index_sync_interval_s):
-                    try:
-                        self._sync_real_index()
-                    except GitError as exc:  # the commits stand; `git status` lags until a later sync
-                        self.warnings.append(f"the checkout's index was not updated: {exc}")
-                        self._commits_since_sync = 0
-                return made
+                        tip = now
+                        made, refused, entries = self._worker_now().commit(setup, tip, request)
+                    self.refused = refused
+                    if not made:  # every file refused
+                        if tip is None:
+                            raise GitError("nothing could be committed on an empty branch")
+                        return [tip] * len(batches)
+                    # The checkout's index learns our entries before the branch moves, both under
+                    # git's own index.lock: a user's commit (which holds that lock from reading the
+                    # index to moving the branch) sees either neither or both, so it can never
+                    # commit the deletion of our files. A crash in between leaves the index ahead
+                    # of the branch (our files staged), never behind.
+                    index.stage(self._index_entries(entries), self._git_index)
+                    if made[-1] != tip:
+                        try:
+                            self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
+                        except GitError:
+                            index.restore()
+                            self._worker_now().forget()
+                            if self._tip_now() != tip:
+                                continue  # moved by something that takes no index lock (update-ref, a push)
+                            raise  # not moved: the ref cannot be written (a stale lock, a full disk)
+                    index.done()
+                    return made
             raise GitError("the branch kept moving while committing; try again")
         finally:
             os.close(lock_fd)
+
+    def _index_entries(self, entries: Sequence[bytes]) -> bytes:
+        """`update-index -z --index-info` input: the entries just committed, plus those of paths an
+        earlier version of this tool committed without teaching the index (its intent log)."""
+        out = b"".join(e + b"\0" for e in entries)
+        assert self._git_dir is not None
+        intent = self._git_dir / LEGACY_UNSYNCED
+        if intent.exists():
+            wanted = sorted({p for p in intent.read_bytes().split(b"\0") if p})
+            for i in range(0, len(wanted), 500):  # pathspecs on the command line, in slices
+                listed = self._git_bytes("ls-tree", "-r", "-z", "HEAD", "--",
+                                         *(p.decode("utf-8", "surrogateescape") for p in wanted[i:i + 500]))
+                out += b"".join(e + b"\0" for e in listed.split(b"\0") if e)
+            self._legacy_done = intent
+        return out
+
+    def _git_index(self, stdin: bytes, index_file: Path) -> None:
+        """`git update-index --index-info` on `index_file` (a copy of the checkout's index)."""
+        config = ["-c", "core.splitIndex=true"] if self.split_index and self._split_unset() else []
+        env = {**self._env, "GIT_INDEX_FILE": str(index_file)}
+        self._git_bytes(*config, "update-index", "-z", "--index-info", stdin=stdin, env=env)
+        if self._legacy_done is not None:
+            self._legacy_done.unlink(missing_ok=True)
+            self._legacy_done = None
+
+    def _split_unset(self) -> bool:
+        """Whether the repository leaves core.splitIndex unset (an operator's own setting wins)."""
+        if self._split_config is None:
+            self._split_config = self._git("config", "--get", "core.splitIndex", absent_ok=True)
+        return self._split_config == ""
+
+    def _git_bytes(self, *args: str, stdin: bytes | None = None, env: Mapping[str, str] | None = None) -> bytes:
+        try:
+            proc = subprocess.run(["git", *args], cwd=self.root, env=dict(env or self._env), input=stdin,
+                                  capture_output=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git {args[0]} took longer than {self.timeout_s:.0f} s") from None
+        if proc.returncode != 0:
+            first = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
+            name = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
+            raise GitError(f"git {name} failed: {first[0] if first else proc.returncode}")
+        return proc.stdout
 
     def _drop_worker(self) -> None:
         if self._worker is not None:
@@ -235,24 +288,9 @@ class GitRepo:
                                 f"{name} <{email}>".encode("utf-8", "surrogateescape"))
         return self._pack_setup
 
-    def _sync_real_index(self) -> None:
-        """Teach the checkout's own index the committed entries of our paths (this run's, and any
-        a killed run left in the intent log) that HEAD holds, so `git status` shows them clean.
-        The worker does it: it knows the entries it committed, so nothing per path is kept in
-        this process. (On the git thread, lock held.)"""
-        assert self._git_dir is not None
-        intent = self._git_dir / UNSYNCED
-        if intent.exists():
-            self._worker_now().sync(self._setup(), str(intent))
-        intent.unlink(missing_ok=True)
-        self._commits_since_sync = 0
-        self._last_sync = time.monotonic()
-
     def _close_on_thread(self, gitdir: Path) -> None:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
-            if (gitdir / UNSYNCED).exists():
-                self._sync_real_index()
             for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
                 if not _alive(f.name.split("-")[2]):
                     f.unlink(missing_ok=True)
@@ -298,7 +336,9 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-UNSYNCED = "crawler-unsynced"  # paths committed, or about to be, that the checkout's index may lack
+# Paths an earlier version committed before the checkout's index knew them (it synced the index
+# in batches); the first commit of this version teaches the index their entries and removes it.
+LEGACY_UNSYNCED = "crawler-unsynced"
 
 
 _IDENT_UNSAFE = str.maketrans("", "", "<>\n\0")
@@ -346,13 +386,11 @@ class _PackWorker:
             raise GitError(reply[1])
         return reply
 
-    def commit(self, setup: gitpack.Setup, tip: str | None,
-               batches: list[tuple[list[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str]]:
-        _ok, made, refused = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
-        return made, refused
-
-    def sync(self, setup: gitpack.Setup, intent: str) -> None:
-        self._call(("sync", setup, intent), self.timeout_s * 4)
+    def commit(self, setup: gitpack.Setup, tip: str | None, batches: list[tuple[list[tuple[str, bytes | None]], str]]
+               ) -> tuple[list[str], dict[str, str], list[bytes]]:
+        """(commit ids, {path: why refused}, index entries of the paths committed)."""
+        _ok, made, refused, entries = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
+        return made, refused, entries
 
     def forget(self) -> None:
         self._call(("forget",), self.timeout_s)
@@ -372,9 +410,106 @@ class _PackWorker:
             stream.close()  # type: ignore[union-attr]
 
 
-def _append(path: Path, data: bytes) -> None:
-    with open(path, "ab") as fh:
-        fh.write(data)
+class IndexLock:
+    """git's own index lock (`index.lock` beside the index, created exclusively, as git does),
+    held while the checkout's index and the branch move together; on the git thread.
+
+    `stage` writes the new index (a copy of the current one with the given entries, by `git
+    update-index` on the copy) and renames it over the index, keeping a link to the one before
+    for `restore`. git fails a command at once when it finds the lock taken; we wait for it
+    up to `timeout_s`, as its holders are git commands that take moments. A lock that a killed
+    run of ours left (its owner file names a dead process and the lock's inode) is removed;
+    anyone else's is waited for and then reported, never removed."""
+
+    OWNER = "crawler-indexlock-owner"   # "pid inode" of the index.lock we hold
+    NEXT = "crawler-next-index"
+    PREV = "crawler-prev-index"
+
+    def __init__(self, gitdir: Path, timeout_s: float, warnings: list[str]) -> None:
+        self.gitdir = gitdir
+        self.index = gitdir / "index"
+        self.lock = gitdir / "index.lock"
+        self.timeout_s = timeout_s
+        self.warnings = warnings
+        self._had_index = False
+        self._staged = False
+
+    def __enter__(self) -> IndexLock:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                if self._remove_ours_if_stale():
+                    continue
+                if time.monotonic() >= deadline:
+                    raise GitError(f"git's {self.lock} has been held for over {self.timeout_s:.0f} s (a git command "
+                                   "still running, or one that crashed: remove the file if no git runs); "
+                                   "nothing was committed") from None
+                time.sleep(0.02)
+        try:
+            st = os.fstat(fd)  # a later file may reuse the inode, never with the same change time too
+            _write_replace(self.gitdir / self.OWNER, f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n".encode())
+        finally:
+            os.close(fd)
+        for leftover in (self.NEXT, self.NEXT + ".lock", self.PREV):  # a killed run's, under the lock now
+            (self.gitdir / leftover).unlink(missing_ok=True)
+        return self
+
+    def _remove_ours_if_stale(self) -> bool:
+        try:
+            pid, inode, mtime = (self.gitdir / self.OWNER).read_text().split()
+            st = os.stat(self.lock)
+            if _alive(pid) or (st.st_ino, st.st_mtime_ns) != (int(inode), int(mtime)):
+                return False
+        except (OSError, ValueError):
+            return False
+        self.lock.unlink(missing_ok=True)
+        (self.gitdir / self.OWNER).unlink(missing_ok=True)
+        self.warnings.append(f"removed {self.lock}, left by a run of ours that was killed (process {pid})")
+        return True
+
+    def stage(self, entries: bytes, write: Callable[[bytes, Path], None]) -> None:
+        """The index with `entries` (update-index -z --index-info input) in place; `write(entries,
+        file)` updates the copy `file`."""
+        nxt, prev = self.gitdir / self.NEXT, self.gitdir / self.PREV
+        self._had_index = self.index.exists()
+        if self._had_index:
+            shutil.copyfile(self.index, nxt)
+            os.link(self.index, prev)
+        write(entries, nxt)
+        with open(nxt, "rb+") as fh:
+            os.fsync(fh.fileno())  # before the branch can name what the index must know
+        os.replace(nxt, self.index)
+        self._staged = True
+
+    def restore(self) -> None:
+        """The index as it was before `stage` (the branch did not move)."""
+        if not self._staged:
+            return
+        if self._had_index:
+            os.replace(self.gitdir / self.PREV, self.index)
+        else:
+            self.index.unlink(missing_ok=True)
+        self._staged = False
+
+    def done(self) -> None:
+        self._staged = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._staged:  # left mid-way by an error: the branch did not move
+            self.restore()
+        for name in (self.NEXT, self.PREV):
+            (self.gitdir / name).unlink(missing_ok=True)
+        self.lock.unlink(missing_ok=True)  # the lock before its owner file: a lock never outlives the note naming it ours
+        (self.gitdir / self.OWNER).unlink(missing_ok=True)
+
+
+def _write_replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _alive(pid: str) -> bool:

@@ -465,7 +465,7 @@ class PackCommitter:
         self.tip: str | None = None    # the commit the folders below are of
         self._top: Folder | None = None
         self.refused: dict[str, str] = {}
-        self.entries: dict[str, str] = {}  # path → its index entry, for the last commit() call
+        self.entries: list[bytes] = []  # the index entries of the last commit() call's paths
 
     def forget(self) -> None:
         """The branch is not where we think: read the folders again next time."""
@@ -543,7 +543,7 @@ class PackCommitter:
         """One commit per (blobs, message) on top of `tip`, all in one pack; their ids. A batch
         changing nothing makes no commit and yields the id before it. Paths the tree has
         something else in the way of are left out and named in `refused`."""
-        self.refused, self.entries = {}, {}
+        self.refused, self.entries = {}, []
         try:
             return self._commit(tip, batches)
         except BaseException:
@@ -568,7 +568,8 @@ class PackCommitter:
                 except Refused as exc:
                     self.refused[blob.path] = str(exc)
                     continue
-                self.entries[blob.path] = f"{blob.mode.decode()} blob {blob.oid.hex()}\t{blob.path}"
+                self.entries.append(b"%s blob %s\t%s" % (blob.mode, blob.oid.hex().encode(),
+                                                          blob.path.encode("utf-8", "surrogateescape")))
             if not changed:
                 if parent is None:
                     raise PackError("nothing could be committed on an empty branch")
@@ -655,16 +656,14 @@ def _read_checked(blob: Blob) -> Iterator[bytes]:
 # (the job got slower, not faster), and its folders' memory would count against the job's.
 # Requests and replies are pickles over stdin and stdout, one at a time:
 #   ("commit", setup, tip, [([(path, bytes or None), ...], message), ...])
-#       → ("ok", commit ids, {path: why refused})
-#   ("sync", setup, intent file) → ("ok",): the checkout's index learns the committed entries
-#       of the paths the intent file names
+#       → ("ok", commit ids, {path: why refused}, [index entry of each path committed])
 #   ("forget",) → ("ok",)
 # A failure replies ("error", one line); the worker keeps serving.
 Setup = tuple[str, str, dict[str, str], float, bytes]  # root, objects dir, git env, timeout_s, ident
 
 
 def work(packer: PackCommitter, tip: str | None,
-         batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+         batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str], list[bytes]]:
     """Describe the files (every one looked at before anything is written), then commit them."""
     refused: dict[str, str] = {}
     described: list[tuple[list[Blob], str]] = []
@@ -677,78 +676,32 @@ def work(packer: PackCommitter, tip: str | None,
                 refused[path] = str(exc)
         described.append((blobs, message))
     if not any(blobs for blobs, _ in described):
-        return [], refused, {}
+        return [], refused, []
     made = packer.commit(tip, described)
     refused.update(packer.refused)
     return made, refused, packer.entries
 
 
 class _Worker:
-    """The worker's state: the committer, and the index entries of what it committed since the
-    last sync, true of the commit `known_at` (the branch, unless someone else moved it)."""
+    """The worker's state: the committer, kept between calls (its folders stay loaded)."""
 
     def __init__(self) -> None:
         self.packer: PackCommitter | None = None
-        self.known: dict[str, str] = {}
-        self.known_at: str | None = None
 
-    def commit(self, setup: Setup, tip: str | None,
-               batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str]]:
+    def commit(self, setup: Setup, tip: str | None, batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]
+               ) -> tuple[list[str], dict[str, str], list[bytes]]:
         if self.packer is not None and not self.packer.alive():
             self.packer.close()  # its object reader died (killed, out of memory)
             self.packer = None
         if self.packer is None:
             root, objects, env, timeout_s, ident = setup
             self.packer = PackCommitter(Path(root), Path(objects), env, timeout_s, ident)
-        made, refused, entries = work(self.packer, tip, batches)
-        if made:
-            if self.known_at != tip:
-                self.known.clear()  # someone else committed since: their tree decides
-            self.known.update(entries)
-            self.known_at = made[-1]
-        return made, refused
+        return work(self.packer, tip, batches)
 
     def forget(self) -> None:
         """Our last commits did not become the branch."""
         if self.packer is not None:
             self.packer.forget()
-        self.known.clear()
-        self.known_at = None
-
-    def sync(self, setup: Setup, intent: str) -> None:
-        """The committed entries themselves (mode, blob, path), not whatever is on disk now: ours
-        while the branch is still at our last commit; the rest (a killed run's, or after someone
-        else committed) are asked of git (0.75 s per 1,000 paths at 150,000 files)."""
-        root, _objects, env, timeout_s, _ident = setup
-
-        def git(*args: str, stdin: bytes | None = None) -> bytes:
-            proc = subprocess.run(["git", *args], cwd=root, env=env, input=stdin, capture_output=True,
-                                  timeout=timeout_s)
-            if proc.returncode != 0:
-                first = proc.stderr.decode(errors="replace").strip().splitlines()
-                raise PackError(f"git {args[0]} failed: {first[0] if first else proc.returncode}")
-            return proc.stdout
-
-        try:
-            wanted = sorted({p.decode("utf-8", "surrogateescape")
-                             for p in Path(intent).read_bytes().split(b"\0") if p})
-        except FileNotFoundError:
-            wanted = []
-        if not wanted:
-            return
-        try:
-            head = git("rev-parse", "--verify", "-q", "HEAD").strip().decode()
-        except PackError:
-            return  # nothing committed yet: nothing to learn
-        known = self.known if self.known_at is not None and self.known_at == head else {}
-        entries = [known[p].encode("utf-8", "surrogateescape") for p in wanted if p in known]
-        ask = [p for p in wanted if p not in known]
-        for i in range(0, len(ask), 500):  # pathspecs on the command line, in slices
-            listed = git("ls-tree", "-r", "-z", "HEAD", "--", *ask[i:i + 500])
-            entries += [e for e in listed.split(b"\0") if e]
-        if entries:
-            git("update-index", "-z", "--index-info", stdin=b"".join(e + b"\0" for e in entries))
-        self.known.clear()
 
     def close(self) -> None:
         if self.packer is not None:
@@ -765,9 +718,6 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         try:
             if request[0] == "commit":
                 reply: tuple = ("ok", *worker.commit(*request[1:]))
-            elif request[0] == "sync":
-                worker.sync(*request[1:])
-                reply = ("ok",)
             elif request[0] == "forget":
                 worker.forget()
                 reply = ("ok",)

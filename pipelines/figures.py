@@ -85,8 +85,7 @@ class FigureJob:
                                on_resume=self._on_resume, max_wait_s=self.http["max_wait_s"])
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
-                            cfg["artifacts"]["index_sync_commits"],
-                            cfg["artifacts"]["index_sync_interval_s"])
+                            cfg["artifacts"]["split_index"])
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
         self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],
                                    cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures",

@@ -66,8 +66,7 @@ class RecoverJob:
         self.checkout = Path(rec["checkout"])
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
-                            cfg["artifacts"]["index_sync_commits"],
-                            cfg["artifacts"]["index_sync_interval_s"])
+                            cfg["artifacts"]["split_index"])
         self.history = History(GitRepo(self.checkout, cfg["artifacts"]["git_timeout_s"], "", ""))
         self.folder = Path(cfg["report"]["dir"]) / run_id
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])

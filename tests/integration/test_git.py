@@ -5,7 +5,7 @@ from tests.harness import git
 
 
 async def test_someone_else_committing_mid_run_is_kept_and_built_upon(repo):
-    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=1)
+    ours = GitRepo(repo, 60, "crawler", "c@c")
     (repo / "a.png").write_bytes(b"a")
     first = await ours.commit_paths(["a.png"], "ours 1")
     (repo / "theirs.txt").write_text("someone else\n")
@@ -58,15 +58,22 @@ async def test_a_vanished_git_directory_never_leads_to_an_enclosing_repository(t
     assert git(outer, "status", "--porcelain", "--untracked-files=no") == ""
 
 
-async def test_a_run_leaves_no_shared_index_files_behind(repo):
-    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=2)
+async def test_a_run_leaves_nothing_of_its_own_behind_and_the_index_is_split(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
     await ours.check()
     for i in range(12):
         (repo / f"f{i}.png").write_bytes(b"%d" % i)
         await ours.commit_paths([f"f{i}.png"], f"c{i}")
     await ours.close()
-    leftovers = [p.name for p in (repo / ".git").iterdir() if p.name.startswith(("sharedindex.", "crawler-index-"))]
+    leftovers = [p.name for p in (repo / ".git").iterdir()
+                 if p.name.startswith("crawler-") and p.name != "crawler-commit.lock" or p.name == "index.lock"]
     assert leftovers == [] and git(repo, "status", "--porcelain") == ""
+    index = (repo / ".git" / "index").read_bytes()
+    link = index.find(b"link\0\0\0")  # the split index's extension naming its shared part
+    assert link > 0 and (repo / ".git" / f"sharedindex.{index[link + 8:link + 28].hex()}").is_file()
+    import subprocess
+    unset = subprocess.run(["git", "config", "--get", "core.splitIndex"], cwd=repo, capture_output=True)
+    assert unset.returncode == 1  # the repository's own configuration is untouched
 
 
 async def test_awkward_names_large_files_and_several_batches_commit_exactly(repo):
@@ -194,7 +201,7 @@ async def test_a_commit_lock_held_too_long_fails_the_commit_instead_of_hanging(r
 
 
 async def test_the_checkouts_index_learns_what_was_committed_not_what_is_on_disk_now(repo):
-    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=1000)
+    ours = GitRepo(repo, 60, "crawler", "c@c")
     (repo / "a.png").write_bytes(b"committed")
     commit = await ours.commit_paths(["a.png"], "one")
     (repo / "a.png").write_bytes(b"changed on disk afterwards")
@@ -205,13 +212,133 @@ async def test_the_checkouts_index_learns_what_was_committed_not_what_is_on_disk
     assert git(repo, "status", "--porcelain") == " M a.png"  # the disk change shows as a change
 
 
-async def test_the_index_sync_waits_its_interval_and_close_always_syncs(repo):
-    ours = GitRepo(repo, 60, "crawler", "c@c", index_sync_commits=1, index_sync_interval_s=3600)
+async def test_the_index_knows_each_commit_as_the_branch_moves(repo):
+    ours = GitRepo(repo, 60, "crawler", "c@c")
     for name in ("a.png", "b.png"):
         (repo / name).write_bytes(name.encode())
         await ours.commit_paths([name], name)
-    lagging = git(repo, "ls-files", "--", "a.png", "b.png")
+        assert name in git(repo, "ls-files", "--", name)
+        assert git(repo, "status", "--porcelain") == ""
     await ours.close()
-    assert lagging == ""  # committed, but the checkout's index not yet rewritten
-    assert git(repo, "ls-files", "--", "a.png", "b.png").split() == ["a.png", "b.png"]
+
+
+async def test_a_split_index_setting_of_the_repository_is_kept(repo):
+    git(repo, "config", "core.splitIndex", "false")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert not [p for p in (repo / ".git").iterdir() if p.name.startswith("sharedindex.")]
     assert git(repo, "status", "--porcelain") == ""
+
+
+def _user_commit(repo, name: str) -> bool:
+    """An ordinary user in the checkout: `git add x && git commit`. False when git's index lock
+    was held (git fails at once then, as it does for any two git commands)."""
+    import subprocess
+    (repo / name).write_text(f"{name}\n")
+    env = {"GIT_AUTHOR_NAME": "u", "GIT_AUTHOR_EMAIL": "u@u", "GIT_COMMITTER_NAME": "u", "GIT_COMMITTER_EMAIL": "u@u",
+           "PATH": __import__("os").environ["PATH"]}
+    for args in (["add", name], ["commit", "-q", "-m", f"user {name}"]):
+        if subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True).returncode != 0:
+            return False
+    return True
+
+
+def _deleted_anywhere(repo) -> set[str]:
+    return set(git(repo, "log", "--all", "--diff-filter=D", "--name-only", "--format=").split())
+
+
+async def test_an_ordinary_commit_in_the_checkout_never_deletes_the_jobs_files(repo):
+    """The branch and the checkout's index move together: a user's `git add x && git commit`
+    right after one of our commits keeps our files (the index knew them)."""
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "ours")
+    assert _user_commit(repo, "notes.txt")
+    assert set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()) == {"a.png", "notes.txt"}
+    (repo / "b.png").write_bytes(b"b")
+    await ours.commit_paths(["b.png"], "ours again")
+    await ours.close()
+    assert _deleted_anywhere(repo) == set()
+    assert set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()) == {"a.png", "b.png", "notes.txt"}
+    assert git(repo, "status", "--porcelain") == ""
+
+
+async def test_no_interleaving_of_the_job_and_a_user_commits_a_deletion(repo):
+    """A user commits in a loop while the job commits batch after batch: whatever the order, no
+    commit deletes a file of the job's, and every file of both is on the branch at the end."""
+    import asyncio
+    import threading
+
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    stop = threading.Event()
+    made: list[str] = []
+
+    def user() -> None:
+        for i in range(400):  # bounded; stops when the job is done
+            if stop.is_set():
+                return
+            if _user_commit(repo, f"u{i:03}.txt"):
+                made.append(f"u{i:03}.txt")
+
+    worker = threading.Thread(target=user)
+    worker.start()
+    ours_files = []
+    try:
+        for b in range(25):
+            batch = [f"figs/b{b:02}-{k}.png" for k in range(4)]
+            for name in batch:
+                (repo / name).parent.mkdir(exist_ok=True)
+                (repo / name).write_bytes(name.encode())
+            await ours.commit_paths(batch, f"batch {b}")
+            ours_files += batch
+            await asyncio.sleep(0)
+    finally:
+        stop.set()
+        await asyncio.to_thread(worker.join)
+        await ours.close()
+    assert made, "the user committed at least once"
+    assert _deleted_anywhere(repo) == set()
+    tracked = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+    assert set(ours_files) <= tracked and set(made) <= tracked
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+async def test_an_index_lock_a_killed_run_of_ours_left_is_removed(repo):
+    """SIGKILL while holding git's index.lock: the owner note names a dead process and that very
+    lock file, so the next commit removes it and goes ahead."""
+    import os
+    import subprocess
+
+    from crawler.git import IndexLock
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = repo / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    st = os.stat(lock)
+    (repo / ".git" / IndexLock.OWNER).write_text(f"{gone.pid} {st.st_ino} {st.st_mtime_ns}\n")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    warnings = list(ours.warnings)
+    await ours.close()
+    assert not lock.exists() and any("killed" in w for w in warnings)
+    assert "a.png" in git(repo, "ls-files")
+
+
+async def test_someone_elses_index_lock_is_waited_for_then_reported_never_removed(repo):
+    import pytest
+
+    from crawler.git import GitError
+    lock = repo / ".git" / "index.lock"
+    lock.write_bytes(b"")  # a git command still running, or one that crashed
+    head = git(repo, "rev-parse", "HEAD")
+    ours = GitRepo(repo, 0.3, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    with pytest.raises(GitError, match="index.lock"):
+        await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert lock.exists() and git(repo, "rev-parse", "HEAD") == head
+    lock.unlink()
+    assert git(repo, "ls-files") == ""
