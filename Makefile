@@ -30,6 +30,7 @@ $(VENV)/.installed-bench: $(STAMP)
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.tarball
+	$(PY) -m bench.index
 
 clean:
 	rm -rf $(VENV) .sandbox reports build *.egg-info

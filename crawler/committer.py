@@ -127,6 +127,7 @@ class Committer:
         t0 = time.monotonic()
         try:
             known = {p.rel_path: p.data for batch in group for p in batch if p.data is not None}
+            self._repo.index_s = 0.0
             commits = await self._repo.commit_batches(list(zip(batches, messages)), known)
             t1 = time.monotonic()
             if self._durable:
@@ -160,7 +161,8 @@ class Committer:
         self._sink.wake()
         # Where the time goes (git, the disk flush; shared by the commits made together): what to
         # tune when commits lag.
-        timing = {"git_ms": round(1000 * (t1 - t0)), "sync_ms": round(1000 * (t2 - t1)), "together": len(commits)}
+        timing = {"git_ms": round(1000 * (t1 - t0)), "index_ms": round(1000 * self._repo.index_s),
+                  "sync_ms": round(1000 * (t2 - t1)), "together": len(commits)}
         for paths, commit in zip(batches, commits):
             log.info("batch.committed", commit=commit, files=len(paths), **timing)
 

@@ -56,6 +56,7 @@ class GitRepo:
         self.split_index = split_index
         self._split_config: str | None = None
         self._legacy_done: Path | None = None
+        self.index_s = 0.0  # time spent rewriting the checkout's index, for the commit log line
         self._git_dir: Path | None = None
         self._branch: str | None = None       # the checked-out branch, refs/heads/...
         self._worker: _PackWorker | None = None
@@ -240,9 +241,16 @@ class GitRepo:
 
     def _git_index(self, stdin: bytes, index_file: Path) -> None:
         """`git update-index --index-info` on `index_file` (a copy of the checkout's index)."""
-        config = ["-c", "core.splitIndex=true"] if self.split_index and self._split_unset() else []
+        t0 = time.monotonic()
+        args = ["update-index", "-z"]
+        config: list[str] = []
+        if self.split_index and self._split_unset():
+            config = ["-c", "core.splitIndex=true", *SPLIT_INDEX_TUNING]
+            if _split_part_bloated(index_file):
+                args.append("--split-index")  # a new shared part: see _split_part_bloated
         env = {**self._env, "GIT_INDEX_FILE": str(index_file)}
-        self._git_bytes(*config, "update-index", "-z", "--index-info", stdin=stdin, env=env)
+        self._git_bytes(*config, *args, "--index-info", stdin=stdin, env=env)  # --index-info must come last
+        self.index_s += time.monotonic() - t0
         if self._legacy_done is not None:
             self._legacy_done.unlink(missing_ok=True)
             self._legacy_done = None
@@ -294,6 +302,10 @@ class GitRepo:
             for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
                 if not _alive(f.name.split("-")[2]):
                     f.unlink(missing_ok=True)
+            for f in gitdir.glob("crawler-indexlock-*"):  # a killed run's own file for the index lock
+                pid = f.name.rsplit("-", 1)[1]
+                if pid.isdigit() and not _alive(pid):
+                    f.unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
             self._drop_worker()
@@ -334,6 +346,29 @@ class GitRepo:
 def _bytes(text: str) -> bytes:
     """A path as git has it: our str paths carry undecodable bytes as surrogates."""
     return text.encode("utf-8", "surrogateescape")
+
+
+# git's split index, tuned for one writer adding a few hundred entries per commit to an index of up
+# to a million (measured with git 2.39: bench/RESULTS.md). A new shared part once 5 % of the
+# entries are outside it (git's default 20 % lets the split file grow to 18 MB at a million
+# entries, rewritten by every commit); superseded shared parts (88 MB each at a million) removed
+# after an hour, not two weeks. Never sooner: the index kept for `restore` still names the last one.
+SPLIT_INDEX_TUNING = ("-c", "splitIndex.maxPercentChange=5", "-c", "splitIndex.sharedIndexExpire=1.hour.ago")
+
+
+def _split_part_bloated(index_file: Path) -> bool:
+    """Whether the split part has grown past half the shared part. `git status` refreshes
+    entries and stores each one it touched in the split part as a replacement, which git's
+    percentage rule does not count: the split file can grow to nearly the whole index and stay
+    so, rewritten by every commit. `--split-index` then writes a new shared part, which costs one
+    shared part and pays for itself within two commits. (The split part always holds the tree
+    cache too: about 50 bytes a folder, a tenth of the index with five files a folder.)"""
+    try:
+        size = index_file.stat().st_size
+        shared = max((p.stat().st_size for p in index_file.parent.glob("sharedindex.*")), default=0)
+    except OSError:
+        return False
+    return shared > 0 and size > shared // 2 and size > 1 << 20
 
 
 # Paths an earlier version committed before the checkout's index knew them (it synced the index
@@ -421,7 +456,7 @@ class IndexLock:
     run of ours left (its owner file names a dead process and the lock's inode) is removed;
     anyone else's is waited for and then reported, never removed."""
 
-    OWNER = "crawler-indexlock-owner"   # "pid inode" of the index.lock we hold
+    OWNER = "crawler-indexlock-owner"   # "pid inode mtime_ns" of the index.lock we hold, or are about to
     NEXT = "crawler-next-index"
     PREV = "crawler-prev-index"
 
@@ -435,38 +470,53 @@ class IndexLock:
         self._staged = False
 
     def __enter__(self) -> IndexLock:
+        # The lock is made as a file of our own first and linked into place (link, like O_EXCL,
+        # fails if the name exists): the owner note names its inode before the lock exists, so
+        # no moment leaves a lock of ours that a later run could not tell from someone else's.
+        previous = self._owner_note()  # a killed run's, if it left its lock: read before ours replaces it
+        own = self.gitdir / f"crawler-indexlock-{os.getpid()}"
+        own.unlink(missing_ok=True)
+        own.write_bytes(b"")
+        st = os.stat(own)  # a later file may reuse the inode, never with the same change time too
+        _write_replace(self.gitdir / self.OWNER, f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n".encode())
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                break
-            except FileExistsError:
-                if self._remove_ours_if_stale():
-                    continue
-                if time.monotonic() >= deadline:
-                    raise GitError(f"git's {self.lock} has been held for over {self.timeout_s:.0f} s (a git command "
-                                   "still running, or one that crashed: remove the file if no git runs); "
-                                   "nothing was committed") from None
-                time.sleep(0.02)
         try:
-            st = os.fstat(fd)  # a later file may reuse the inode, never with the same change time too
-            _write_replace(self.gitdir / self.OWNER, f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n".encode())
+            while True:
+                try:
+                    os.link(own, self.lock)
+                    break
+                except FileExistsError:
+                    if previous is not None and self._remove_if_stale(previous):
+                        previous = None
+                        continue
+                    if time.monotonic() >= deadline:
+                        raise GitError(f"git's {self.lock} has been held for over {self.timeout_s:.0f} s (a git command "
+                                       "still running, or one that crashed: remove the file if no git runs); "
+                                       "nothing was committed") from None
+                    time.sleep(0.02)
         finally:
-            os.close(fd)
+            own.unlink(missing_ok=True)
         for leftover in (self.NEXT, self.NEXT + ".lock", self.PREV):  # a killed run's, under the lock now
             (self.gitdir / leftover).unlink(missing_ok=True)
         return self
 
-    def _remove_ours_if_stale(self) -> bool:
+    def _owner_note(self) -> tuple[str, int, int] | None:
         try:
             pid, inode, mtime = (self.gitdir / self.OWNER).read_text().split()
-            st = os.stat(self.lock)
-            if _alive(pid) or (st.st_ino, st.st_mtime_ns) != (int(inode), int(mtime)):
-                return False
+            return pid, int(inode), int(mtime)
         except (OSError, ValueError):
+            return None
+
+    def _remove_if_stale(self, note: tuple[str, int, int]) -> bool:
+        """Remove the lock if it is the very file a run of ours, now dead, made."""
+        pid, inode, mtime = note
+        try:
+            st = os.stat(self.lock)
+        except OSError:
+            return False
+        if _alive(pid) or (st.st_ino, st.st_mtime_ns) != (inode, mtime):
             return False
         self.lock.unlink(missing_ok=True)
-        (self.gitdir / self.OWNER).unlink(missing_ok=True)
         self.warnings.append(f"removed {self.lock}, left by a run of ours that was killed (process {pid})")
         return True
 

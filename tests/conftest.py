@@ -31,6 +31,14 @@ async def dsn(pg_admin_dsn: str) -> str:
 
 
 @pytest.fixture
+async def sim():
+    """The upstream simulator on a loopback port, every host routed to it by the config trees."""
+    from crawler.sandbox.simulator import UpstreamSimulator
+    async with UpstreamSimulator() as s:
+        yield s
+
+
+@pytest.fixture
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "artifacts"
     root.mkdir()

@@ -16,6 +16,10 @@ SIM_HOSTS = ("europepmc.org", "www.ebi.ac.uk", "www.ncbi.nlm.nih.gov", "pmc.ncbi
              "cdn.example.com", "media.example.net", "localhost")
 
 
+def url(host: str, path: str) -> str:
+    return f"http://{host}{path}"
+
+
 def figure_tree(dsn: str, root: Path, port: int, tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config tree for tests: fast, small budgets, every simulated host mapped to the simulator."""
     tree: dict[str, Any] = {

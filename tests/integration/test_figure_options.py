@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
 
 from crawler.sandbox import images
-from crawler.sandbox.simulator import Behaviour, UpstreamSimulator, http_date_in
-from tests.harness import commits_by_tool, figure_config, git, insert_figures, rows_by_id, run_figures
+from crawler.sandbox.simulator import Behaviour, http_date_in
+from tests.harness import figure_config, git, insert_figures, rows_by_id, run_figures
 
 PNG = images.png(7, 2000)
 NOT_FOUND = Behaviour(status=404, content_type="text/html")
-
-
-@pytest.fixture
-async def sim():
-    async with UpstreamSimulator() as s:
-        yield s
 
 
 async def test_limit_and_host_narrow_a_run(dsn, repo, sim, tmp_path):

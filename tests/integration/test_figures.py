@@ -6,25 +6,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 
 from crawler.sandbox import images
-from crawler.sandbox.simulator import Behaviour, UpstreamSimulator, max_starts_in_window
-from tests.harness import commits_by_tool, figure_config, git, insert_figures, rows_by_id, run_figures
+from crawler.sandbox.simulator import Behaviour, max_starts_in_window
+from tests.harness import commits_by_tool, figure_config, git, insert_figures, rows_by_id, run_figures, url
 
 PNG = images.png(1, 3000)
 JPG = images.jpeg(2, 3000)
 BIG = images.png(3, 40_000)
-
-
-def url(host: str, path: str) -> str:
-    return f"http://{host}{path}"
-
-
-@pytest.fixture
-async def sim():
-    async with UpstreamSimulator() as s:
-        yield s
 
 
 SCENARIOS = {

@@ -342,3 +342,20 @@ async def test_someone_elses_index_lock_is_waited_for_then_reported_never_remove
     assert lock.exists() and git(repo, "rev-parse", "HEAD") == head
     lock.unlink()
     assert git(repo, "ls-files") == ""
+
+
+async def test_a_bloated_split_index_gets_a_new_shared_part(repo, monkeypatch):
+    """After a `git status` refreshed many entries, the split part can hold nearly the whole
+    index; the next commit then writes a new shared part and the split part is small again."""
+    from crawler import git as git_module
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    monkeypatch.setattr(git_module, "_split_part_bloated", lambda index_file: True)
+    before = {p.name for p in (repo / ".git").glob("sharedindex.*")}
+    (repo / "b.png").write_bytes(b"b")
+    await ours.commit_paths(["b.png"], "two")
+    await ours.close()
+    after = {p.name for p in (repo / ".git").glob("sharedindex.*")}
+    assert after - before, "a new shared part was written"
+    assert git(repo, "ls-files").split() == ["a.png", "b.png"] and git(repo, "status", "--porcelain") == ""

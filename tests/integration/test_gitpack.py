@@ -214,6 +214,8 @@ async def test_a_branch_ref_that_cannot_be_written_is_said_not_retried(repo):
         await ours.commit_batches([(["a.png"], "one")], {"a.png": b"a"})
     await ours.close()
     assert git(repo, "log", "--format=%s") == "init"
+    assert git(repo, "ls-files") == ""  # the index was put back: it holds nothing the branch lacks
+    assert not (repo / ".git" / "index.lock").exists()
 
 
 async def test_a_relative_root_and_python_files_in_it_are_harmless(repo, monkeypatch):

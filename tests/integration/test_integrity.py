@@ -9,23 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from crawler.sandbox import images
-from crawler.sandbox.simulator import Behaviour, UpstreamSimulator
-from tests.harness import figure_config, git, insert_figures, rows_by_id, run_figures
+from crawler.sandbox.simulator import Behaviour
+from tests.harness import figure_config, git, insert_figures, rows_by_id, run_figures, url
 
 PNG = images.png(1, 3000)
-
-
-def url(host: str, path: str) -> str:
-    return f"http://{host}{path}"
-
-
-@pytest.fixture
-async def sim():
-    async with UpstreamSimulator() as s:
-        yield s
 
 
 async def test_a_close_delimited_body_cut_short_is_transient_not_fetched(dsn, repo, sim, tmp_path):
