@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crawler", description="Recover lost artifact files, or record truthfully that they are gone.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 finished, 1 error, 2 bad configuration or usage, 130 interrupted (run again to resume)")
+        epilog="exit status: 0 finished, everything attempted recorded; 1 error; 2 bad configuration or usage; "
+               "3 finished, but some work could not be recorded (listed in the summary); "
+               "130 interrupted (run again to resume)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML overriding config/default.toml key by key")
@@ -103,10 +105,11 @@ async def run_commands(cfg: Config, command: str, args: argparse.Namespace) -> i
         if command in ("figures", "run"):
             status, summary = await run_figures(cfg, db, args)
             print_summary_line(summary)
-            if status != engine.EXIT_OK:
+            if status not in (engine.EXIT_OK, engine.EXIT_UNRECORDED):
                 return status
         if command in ("recover", "run"):
-            status = await run_recover(cfg, db, args)
+            recovered = await run_recover(cfg, db, args)
+            status = recovered if recovered != engine.EXIT_OK else status  # a figures exit 3 still counts
         return status
     return await engine.with_database(cfg, body)
 
@@ -138,12 +141,21 @@ def print_recover_line(summary: dict) -> None:
     plan = " (plan only: nothing written)" if summary.get("plan") else ""
     print(f"recover {summary.get('status')}{plan}: " + "; ".join(parts) + f" (report: {summary.get('run_id')})",
           file=sys.stderr)
+    print_unrecorded(summary)
 
 
 def print_summary_line(summary: dict) -> None:
     keys = ("attempted", "fetched", "hard_404", "transient", "failed", "no_url")
     counts = " ".join(f"{k}={summary.get(k, 0)}" for k in keys)
     print(f"figures {summary.get('status')}: {counts} (report: {summary.get('run_id')})", file=sys.stderr)
+    print_unrecorded(summary)
+
+
+def print_unrecorded(summary: dict) -> None:
+    """One line per reason some work could not be recorded (exit 3)."""
+    for u in summary.get("unrecorded", []):
+        where = f" ({u['source']})" if u.get("source") else ""
+        print(f"  not recorded: {u['what']}{where}: {u['count']} — {u['why']}", file=sys.stderr)
 
 
 def print_report(cfg: Config, run_id: str | None, as_json: bool) -> int:

@@ -26,6 +26,7 @@ from . import files
 from .db import Change
 from .git import GitError, GitRepo
 from .sink import Sink
+from .unrecorded import Unrecorded
 
 log = structlog.get_logger()
 
@@ -65,6 +66,7 @@ class Committer:
         self.committed_files = 0
         self.failed_files = 0
         self.failed_ids: set[str] = set()  # rows whose file could not be committed (left unstamped)
+        self.unrecorded = Unrecorded()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="committer")
@@ -138,6 +140,7 @@ class Committer:
             self.failed_ids.update(p.artifact_id for batch in group for p in batch)
             error = str(exc) if isinstance(exc, (GitError, OSError)) else f"{type(exc).__name__}: {exc}"
             log.error("batch.commit_failed", files=files_in, error=error)
+            self.unrecorded.add("commit", error, [p.artifact_id for batch in group for p in batch])
             return
         finally:
             for warning in self._repo.warnings:
@@ -154,6 +157,8 @@ class Committer:
                     self.failed_ids.add(placed.artifact_id)
                     log.error("batch.file_refused", artifact_id=placed.artifact_id, path=placed.rel_path,
                               error=refused[placed.rel_path])
+                    self.unrecorded.add("commit", "a file left out of its commit (see batch.file_refused in the log)",
+                                        [placed.artifact_id])
                     continue
                 self.committed_files += 1
                 self._sink.record(self._stamp(placed, commit))

@@ -2,7 +2,9 @@
 
     run.start ─▶ job.run() ─▶ (SIGINT/SIGTERM: job.stop(), drain ≤ drain_timeout_s;
                  │             a second signal: job.abort()) ─▶ summary ─▶ run.finish ─▶ exit
-Exit statuses follow CONTRACT.md §2: 0 finished, 130 interrupted (run again to resume).
+Exit statuses follow CONTRACT.md §2: 0 finished with everything attempted recorded; 3 finished,
+but some work could not be recorded (the summary's `unrecorded` says what and why); 130
+interrupted (run again to resume).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from .sink import iso, utcnow
 
 log = structlog.get_logger()
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNRECORDED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_FOR = {"finished": EXIT_OK, "finished_with_errors": EXIT_UNRECORDED, "interrupted": EXIT_INTERRUPTED}
 
 
 class Job(Protocol):
@@ -80,7 +83,10 @@ async def run_job(cfg: Config, db: Database, command: str,
     summary: dict[str, Any] = {}
     try:
         summary = await job.run(float(cfg["run"]["drain_timeout_s"]))
-        status = "interrupted" if summary.get("interrupted") or signals else "finished"
+        if summary.get("interrupted") or signals:
+            status = "interrupted"
+        else:
+            status = "finished_with_errors" if summary.get("unrecorded") else "finished"
     except Exception as exc:
         log.error("run.failed", error=f"{type(exc).__name__}: {exc}")
         summary = {"error": f"{type(exc).__name__}: {exc}"}
@@ -97,7 +103,7 @@ async def run_job(cfg: Config, db: Database, command: str,
         finally:
             log.info("run.finish", **_lean(summary))
             logs.close()
-    return (EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK), summary
+    return EXIT_FOR[status], summary
 
 
 def _lean(summary: dict[str, Any]) -> dict[str, Any]:

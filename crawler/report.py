@@ -39,6 +39,13 @@ def render_markdown(s: dict[str, Any]) -> str:
         if s.get("failed_rows"):
             lines += ["", "## Failed rows for a human (first 100)", "", "| artifact_id | error | url |", "|---|---|---|"]
             lines += [f"| {r['artifact_id']} | {r['error']} | {r['url']} |" for r in s["failed_rows"][:100]]
+    if s.get("unrecorded"):
+        lines += ["", "## Not recorded (exit 3): run again once the cause is fixed", "",
+                  "| what | rows or files | why | artifact ids (first 20) |", "|---|---:|---|---|"]
+        for u in s["unrecorded"]:
+            where = f" ({u['source']})" if u.get("source") else ""
+            lines.append(f"| {u['what']}{where} | {u['count']} | {u['why']} | {', '.join(u['artifact_ids'])} |")
+        lines.append("")
     if s.get("per_type"):
         lines += ["| type | rows | bound | needs_review | unrecoverable | missing |", "|---|---:|---:|---:|---:|---:|"]
         for t, c in sorted(s["per_type"].items()):

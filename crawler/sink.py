@@ -20,6 +20,7 @@ import structlog
 
 from . import redact
 from .db import Change, Database
+from .unrecorded import Unrecorded
 
 log = structlog.get_logger()
 
@@ -116,6 +117,7 @@ class Sink:
         self._on_written = on_written
         self.written = 0
         self.refused: list[str] = []
+        self.unrecorded = Unrecorded()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sink")
@@ -165,6 +167,8 @@ class Sink:
                 self.refused.append(change.artifact_id)
                 log.error("row.write_refused", artifact_id=change.artifact_id, outcome=change.outcome,
                           error=str(exc), note="left as it was; the next run takes it again")
+                self.unrecorded.add("database", f"the database refused the row's {change.outcome} outcome: {exc}",
+                                    [change.artifact_id])
         return batch
 
     @property

@@ -379,6 +379,8 @@ class FigureJob:
             "requests_per_budget": {b.name: b.stats.started for b in self.budgets.all()},
             # Hosts that answered HEAD 404 for files GET then served: their HEAD 404s were not trusted.
             "head_404_untrusted": self.fetcher.head_untrusted if self.fetcher is not None else [],
+            # Work attempted but not recorded (exit 3): commits that failed, rows the database refused.
+            "unrecorded": self.committer.unrecorded.as_list() + self.sink.unrecorded.as_list(),
         }
 
 

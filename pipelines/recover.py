@@ -31,6 +31,7 @@ from crawler.db import Change, Database
 from crawler.evidence import Candidate, Decision, Expectation, TypeRules
 from crawler.git import GitError, GitRepo, History
 from crawler.sink import Sink, utcnow
+from crawler.unrecorded import Unrecorded
 from pipelines import tarballs
 
 log = structlog.get_logger()
@@ -75,6 +76,7 @@ class RecoverJob:
                                    cfg["artifacts"]["fsync"])
         self._stopping = False
         self.searched: dict[str, Any] = {"worktrees": 0, "tarballs": 0, "history": False}
+        self.unrecorded = Unrecorded()
         self.planned: list[dict[str, Any]] = []
         self.phase = "starting"
         self._search_task: asyncio.Task[list[Candidate]] | None = None
@@ -142,6 +144,7 @@ class RecoverJob:
                     await self._settle(s)
                 except (OSError, GitError) as exc:  # this row's trouble, not the run's
                     log.error("row.bind_failed", artifact_id=s.row["id"], error=f"{type(exc).__name__}: {exc}")
+                    self.unrecorded.add("bind", f"{type(exc).__name__}: {exc}", [s.row["id"]])
                     assert s.decision is not None
                     s.decision = Decision("needs_review", s.decision.confidence, None, s.decision.evidence,
                                           reason=f"binding failed: {exc}")
@@ -375,4 +378,7 @@ class RecoverJob:
                              if s.decision and s.decision.status == "bound" and s.file_path and s.decision.confidence)
         return {"per_type": per_type, "plan": self.opts.plan, "confidence": dict(confidence),
                 "searched": self.searched, "commits": self.committer.commits,
-                "commit_failed_files": self.committer.failed_files, "interrupted": self._stopping}
+                "commit_failed_files": self.committer.failed_files, "interrupted": self._stopping,
+                # Work attempted but not recorded (exit 3): binds, commits, database writes, sources.
+                "unrecorded": (self.unrecorded.as_list() + self.committer.unrecorded.as_list()
+                               + self.sink.unrecorded.as_list())}

@@ -6,7 +6,7 @@ create table if not exists {schema}.runs (
   command      text not null,
   started_at   timestamptz not null default now(),
   finished_at  timestamptz,
-  status       text not null default 'running',   -- running | finished | interrupted | failed
+  status       text not null default 'running',   -- running | finished | finished_with_errors | interrupted | failed
   config       jsonb not null default '{}'::jsonb,
   summary      jsonb
 );

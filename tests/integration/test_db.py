@@ -148,6 +148,8 @@ async def test_a_row_the_database_refuses_is_set_aside_alone(dsn, monkeypatch):
             sink.record(Change(f"r{i}", "x", {"k": i}))
         await sink.flush()
         assert sink.refused == ["r1"] and sink.pending == 0
+        [entry] = sink.unrecorded.as_list()  # the run ends finished_with_errors, exit 3, naming the row
+        assert entry["what"] == "database" and entry["artifact_ids"] == ["r1"] and "out of range" in entry["why"]
         rows = {r["id"]: json.loads(r["metadata"]) for r in await db.fetch("select id, metadata from artifacts")}
         assert "k" in rows["r0"] and "k" not in rows["r1"] and "k" in rows["r2"]
     finally:
