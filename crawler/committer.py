@@ -162,7 +162,7 @@ class Committer:
                     continue
                 self.committed_files += 1
                 self._sink.record(self._stamp(placed, commit))
-        self.commits += len(set(commits))
+        self.commits += len(set(filter(None, commits)))
         self._sink.wake()
         # Where the time goes (git, the disk flush; shared by the commits made together): what to
         # tune when commits lag.

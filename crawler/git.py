@@ -28,6 +28,7 @@ import os
 import pickle
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -155,26 +156,35 @@ class GitRepo:
 
     async def _on_git_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="git")
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="git",
+                                                                 initializer=_shield_children)
         # A cancelled caller does not stop the step: it finishes on its thread (a commit made but
         # not stamped is adopted by the next run), and the next step queues behind it.
         return await asyncio.wrap_future(self._thread.submit(fn, *args))
 
     # -- on the git thread -------------------------------------------------------------------------
     def _git(self, *args: str, stdin: bytes | None = None, absent_ok: bool = False) -> str:
-        """git's output; with `absent_ok`, "" when git exits 1 saying nothing (`--verify -q`:
-        no such ref), any other failure still raised."""
+        """git's output as text; with `absent_ok`, "" when git exits 1 saying nothing (`--verify
+        -q`: no such ref), any other failure still raised."""
+        return self._git_bytes(*args, stdin=stdin, absent_ok=absent_ok).decode(errors="surrogateescape").strip()
+
+    def _git_bytes(self, *args: str, stdin: bytes | None = None, env: Mapping[str, str] | None = None,
+                   absent_ok: bool = False) -> bytes:
+        """One git command on the git thread (whose signal mask its children inherit: see
+        _shield_children), in a session of its own: a terminal's Ctrl-C reaches the job, which
+        decides when its git commands stop, not them."""
         try:
-            proc = subprocess.run(["git", *args], cwd=self.root, env=self._env, input=stdin,
-                                  capture_output=True, timeout=self.timeout_s)
+            proc = subprocess.run(["git", *args], cwd=self.root, env=dict(env or self._env), input=stdin,
+                                  capture_output=True, timeout=self.timeout_s, start_new_session=True)
         except subprocess.TimeoutExpired:
             raise GitError(f"git {args[0]} took longer than {self.timeout_s:.0f} s") from None
         if absent_ok and proc.returncode == 1 and not proc.stdout.strip() and not proc.stderr.strip():
-            return ""
+            return b""
         if proc.returncode != 0:
             first = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
-            raise GitError(f"git {args[0]} failed: {first[0] if first else proc.returncode}")
-        return proc.stdout.decode(errors="surrogateescape").strip()
+            name = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
+            raise GitError(f"git {name} failed: {first[0] if first else proc.returncode}")
+        return proc.stdout
 
     def _tip_now(self) -> str | None:
         """Where the branch we commit to is now (None: not born yet). Any other failure is
@@ -199,17 +209,15 @@ class GitRepo:
                         tip = now
                         made, refused, entries = self._worker_now().commit(setup, tip, request)
                     self.refused = refused
-                    if not made:  # every file refused
-                        if tip is None:
-                            raise GitError("nothing could be committed on an empty branch")
-                        return [tip] * len(batches)
+                    if not made:  # every file refused: the branch stays where it is ("" if not born yet)
+                        return [tip or ""] * len(batches)
                     # The checkout's index learns our entries before the branch moves, both under
                     # git's own index.lock: a user's commit (which holds that lock from reading the
                     # index to moving the branch) sees either neither or both, so it can never
                     # commit the deletion of our files. A crash in between leaves the index ahead
                     # of the branch (our files staged), never behind.
                     index.stage(self._index_entries(entries), self._git_index)
-                    if made[-1] != tip:
+                    if made[-1] and made[-1] != tip:
                         try:
                             self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
                         except GitError:
@@ -260,18 +268,6 @@ class GitRepo:
         if self._split_config is None:
             self._split_config = self._git("config", "--get", "core.splitIndex", absent_ok=True)
         return self._split_config == ""
-
-    def _git_bytes(self, *args: str, stdin: bytes | None = None, env: Mapping[str, str] | None = None) -> bytes:
-        try:
-            proc = subprocess.run(["git", *args], cwd=self.root, env=dict(env or self._env), input=stdin,
-                                  capture_output=True, timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise GitError(f"git {args[0]} took longer than {self.timeout_s:.0f} s") from None
-        if proc.returncode != 0:
-            first = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()
-            name = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
-            raise GitError(f"git {name} failed: {first[0] if first else proc.returncode}")
-        return proc.stdout
 
     def _drop_worker(self) -> None:
         if self._worker is not None:
@@ -387,9 +383,12 @@ class _PackWorker:
     def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
         path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH", "")]))
         # -P: nothing is imported from the artifacts root (its cwd), whatever files land there.
+        # A session of its own, and SIGINT/SIGTERM blocked (inherited from the git thread): a
+        # terminal's Ctrl-C or a stop signal to the whole group cannot cut a commit in half; the
+        # job ends the worker when it has committed what it holds (end of its input).
         self.proc = subprocess.Popen([sys.executable, "-P", "-m", "crawler.gitpack"], cwd=root,
                                      env={**env, "PYTHONPATH": path}, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.timeout_s = timeout_s
         self._said: collections.deque[str] = collections.deque(maxlen=20)  # its last stderr lines
         self._stderr = threading.Thread(target=self._read_stderr, daemon=True)
@@ -554,6 +553,15 @@ class IndexLock:
             (self.gitdir / name).unlink(missing_ok=True)
         self.lock.unlink(missing_ok=True)  # the lock before its owner file: a lock never outlives the note naming it ours
         (self.gitdir / self.OWNER).unlink(missing_ok=True)
+
+
+def _shield_children() -> None:
+    """The git thread blocks SIGINT and SIGTERM: the kernel delivers them to the main thread (the
+    job's handlers) instead, and every child started from this thread (the commit worker and the
+    git commands of a commit) starts with them blocked, as a blocked mask survives exec. A stop
+    signal sent to the whole process group (systemd's default, a terminal's Ctrl-C) then reaches
+    the job, which finishes the commit under way and ends its children itself."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _write_replace(path: Path, data: bytes) -> None:

@@ -570,10 +570,8 @@ class PackCommitter:
                     continue
                 self.entries.append(b"%s blob %s\t%s" % (blob.mode, blob.oid.hex().encode(),
                                                           blob.path.encode("utf-8", "surrogateescape")))
-            if not changed:
-                if parent is None:
-                    raise PackError("nothing could be committed on an empty branch")
-                made.append(parent)
+            if not changed:  # nothing to commit in this batch: the commit before it ("" on an unborn branch)
+                made.append(parent or "")
                 continue
             trees: list[_Tree] = []
             tree_id = self._store(top, trees, seen)
@@ -589,7 +587,7 @@ class PackCommitter:
             made.append(parent)
         if plan:
             self._write(plan)
-        self.tip = made[-1] if made else tip
+        self.tip = parent
         self._let_go(top)
         return made
 

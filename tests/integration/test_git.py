@@ -359,3 +359,75 @@ async def test_a_bloated_split_index_gets_a_new_shared_part(repo, monkeypatch):
     after = {p.name for p in (repo / ".git").glob("sharedindex.*")}
     assert after - before, "a new shared part was written"
     assert git(repo, "ls-files").split() == ["a.png", "b.png"] and git(repo, "status", "--porcelain") == ""
+
+
+SHIELD_SCRIPT = r"""
+import asyncio, os, signal, sys
+from pathlib import Path
+from crawler.git import GitRepo
+
+async def main(root):
+    stopped = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stopped.set)  # as the job does
+    ours = GitRepo(Path(root), 60, "crawler", "c@c")
+    (Path(root) / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    print(ours._worker.proc.pid, flush=True)
+    await asyncio.wait_for(stopped.wait(), 60)
+    (Path(root) / "b.png").write_bytes(b"b")
+    await ours.commit_paths(["b.png"], "two")  # committed after the signal, by the same worker
+    print(ours._worker.proc.pid, flush=True)
+    await ours.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_ctrl_c_to_the_whole_process_group_reaches_the_job_not_its_commit_worker(repo):
+    """A terminal's Ctrl-C (or systemd's stop) signals every process of the group: the commit
+    worker must not die mid-commit; the job decides when it stops."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    proc = subprocess.Popen([sys.executable, "-c", SHIELD_SCRIPT, str(repo)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+    with proc:
+        try:
+            first = proc.stdout.readline().strip()
+            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGTERM)  # what systemd sends to the whole group
+            second = proc.stdout.readline().strip()
+            assert proc.wait(60) == 0
+        finally:
+            proc.kill()
+    assert first and second == first, "the same worker committed after the signals"
+    assert git(repo, "log", "--format=%s") == "two\none\ninit"
+
+
+async def test_a_branch_with_no_commit_yet_gets_its_first_from_us(tmp_path):
+    """`git init` and nothing else: the first call makes the root commit, even when its first
+    batch has nothing committable (a file that vanished)."""
+    root = tmp_path / "fresh"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    ours = GitRepo(root, 60, "crawler", "c@c")
+    (root / "b.png").write_bytes(b"b")
+    first, second = await ours.commit_batches([(["gone.png"], "one"), (["b.png"], "two")])
+    refused = dict(ours.refused)
+    await ours.close()
+    assert set(refused) == {"gone.png"}
+    assert second == git(root, "rev-parse", "HEAD") and git(root, "log", "--format=%s") == "two"
+    assert git(root, "ls-files") == "b.png" and git(root, "status", "--porcelain") == ""
+
+
+async def test_a_branch_with_no_commit_yet_and_nothing_committable_fails_nothing(tmp_path):
+    root = tmp_path / "fresh"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    ours = GitRepo(root, 60, "crawler", "c@c")
+    await ours.commit_batches([(["gone.png"], "one")])
+    assert set(ours.refused) == {"gone.png"}
+    await ours.close()
