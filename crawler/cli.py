@@ -149,6 +149,8 @@ def print_summary_line(summary: dict) -> None:
     counts = " ".join(f"{k}={summary.get(k, 0)}" for k in keys)
     print(f"figures {summary.get('status')}: {counts} (report: {summary.get('run_id')})", file=sys.stderr)
     print_unrecorded(summary)
+    if summary.get("fatal"):
+        print(f"crawler: {summary['fatal']}", file=sys.stderr)
 
 
 def print_unrecorded(summary: dict) -> None:

@@ -98,7 +98,10 @@ class Committer:
                 timed_out = True
             self._wake.clear()
             # Woken by a full batch: commit full batches only; the rest waits for the interval.
-            await self.commit_pending(full_only=not timed_out and not self._closing)
+            try:
+                await self.commit_pending(full_only=not timed_out and not self._closing)
+            except Exception as exc:  # never the end of the loop: workers wait on it for room
+                log.error("committer.error", error=f"{type(exc).__name__}: {exc}")
 
     async def commit_pending(self, full_only: bool = False, everything: bool = False) -> None:
         """Commit what is waiting now: full batches only, or all of it. Files that arrive while

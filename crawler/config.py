@@ -138,7 +138,8 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                 ("artifacts", "max_uncommitted"),
                 ("http", "timeout_s"), ("http", "connect_timeout_s"), ("http", "max_bytes"),
                 ("http", "chunk_bytes"), ("run", "queue_rows"), ("report", "progress_interval_s"),
-                ("db", "flush_interval_s"), ("artifacts", "commit_interval_s"), ("http", "retry_after_max_s")]
+                ("db", "flush_interval_s"), ("artifacts", "commit_interval_s"), ("http", "retry_after_max_s"),
+                ("run", "local_failure_limit")]
     for section, key in positive:
         if not tree[section][key] > 0:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")

@@ -28,7 +28,8 @@ from .sink import iso, utcnow
 log = structlog.get_logger()
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNRECORDED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-EXIT_FOR = {"finished": EXIT_OK, "finished_with_errors": EXIT_UNRECORDED, "interrupted": EXIT_INTERRUPTED}
+EXIT_FOR = {"finished": EXIT_OK, "finished_with_errors": EXIT_UNRECORDED, "interrupted": EXIT_INTERRUPTED,
+            "failed": EXIT_FAILED}
 
 
 class Job(Protocol):
@@ -83,7 +84,9 @@ async def run_job(cfg: Config, db: Database, command: str,
     summary: dict[str, Any] = {}
     try:
         summary = await job.run(float(cfg["run"]["drain_timeout_s"]))
-        if summary.get("interrupted") or signals:
+        if summary.get("fatal"):
+            status = "failed"  # the job stopped itself: its cause is in `fatal`, in one line
+        elif summary.get("interrupted") or signals:
             status = "interrupted"
         else:
             status = "finished_with_errors" if summary.get("unrecorded") else "finished"
@@ -97,7 +100,10 @@ async def run_job(cfg: Config, db: Database, command: str,
         summary = {"run_id": run_id, "command": command, "status": status, "started_at": iso(started),
                    "finished_at": iso(utcnow()), "duration_s": round(time.monotonic() - t0, 3), **summary}
         summary = redact.deep(summary, cfg.secrets())  # an error's text may quote a DSN or a URL
-        report.write_summary(folder, summary)
+        try:
+            report.write_summary(folder, summary)
+        except OSError as exc:  # a full disk: the runs table below still gets the summary
+            log.error("report.write_failed", folder=str(folder), error=str(exc))
         try:
             await db.finish_run(run_id, status, _lean(summary))
         finally:

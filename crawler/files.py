@@ -114,8 +114,12 @@ async def place_temp(temp: TempFile, final: Path) -> bytes | None:
 
     def _do() -> None:
         if data is None:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp.path, final)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp.path, final)
+            except BaseException:
+                temp.path.unlink(missing_ok=True)
+                raise
             return
         beside = final.parent / temp.name
         try:
@@ -123,9 +127,13 @@ async def place_temp(temp: TempFile, final: Path) -> bytes | None:
         except FileNotFoundError:  # a new folder: one mkdir then, not one per file
             final.parent.mkdir(parents=True, exist_ok=True)
             fh = open(beside, "wb")
-        with fh:
-            fh.write(data)
-        os.replace(beside, final)
+        try:
+            with fh:
+                fh.write(data)
+            os.replace(beside, final)
+        except BaseException:  # a full disk mid-write: no .part left behind
+            beside.unlink(missing_ok=True)
+            raise
 
     await asyncio.get_running_loop().run_in_executor(_PLACERS, _do)
     return data

@@ -30,25 +30,54 @@ class _Fanout:
         self.verbose = verbose
         self.secrets = secrets
         self._flushed = time.monotonic()
+        self.dropped = 0        # lines not written since the log file failed
+        self._failed_at = 0.0
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
         # Nothing secret is written: URL credentials, DSN passwords and the configuration's own
         # secrets are masked in every value, whatever put them there (an exception's text).
         event = redact.deep(event, self.secrets)
         if self.file is not None:
-            self.file.write(json.dumps(event, default=str, separators=(",", ":")) + "\n")
-            # `tail -f` sees a line within FLUSH_EVERY_S; a flush per row would cost a syscall each.
-            now = time.monotonic()
-            if now - self._flushed >= FLUSH_EVERY_S or event["event"] != "row.outcome":
-                self.file.flush()
-                self._flushed = now
+            self._to_file(event)
         if self.console is not None and (self.verbose or event["event"] not in QUIET_ON_CONSOLE):
             rest = " ".join(f"{k}={v}" for k, v in event.items()
                             if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)
-            self.console.write(f"{event['timestamp'][11:19]} {event.get('level', 'info'):5} "
-                               f"{event['event']} {rest}\n")
-            self.console.flush()
+            try:
+                self.console.write(f"{event['timestamp'][11:19]} {event.get('level', 'info'):5} "
+                                   f"{event['event']} {rest}\n")
+                self.console.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken terminal: the JSON log still has it
         raise structlog.DropEvent
+
+    def _to_file(self, event: dict[str, Any]) -> None:
+        """One JSON line. A log that cannot be written (a full disk) never stops the run: lines
+        are dropped, said once on stderr, and counted in the line written when it works again."""
+        assert self.file is not None
+        line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
+        now = time.monotonic()
+        if self.dropped and now - self._failed_at < RETRY_FILE_S:
+            self.dropped += 1
+            return
+        try:
+            if self.dropped:
+                self.file.write(json.dumps({"event": "log.lines_dropped", "level": "error", "lines": self.dropped,
+                                            "timestamp": event.get("timestamp"), "run_id": event.get("run_id")}) + "\n")
+            self.file.write(line)
+            # `tail -f` sees a line within FLUSH_EVERY_S; a flush per row would cost a syscall each.
+            if now - self._flushed >= FLUSH_EVERY_S or event["event"] != "row.outcome" or self.dropped:
+                self.file.flush()
+                self._flushed = now
+            self.dropped = 0
+        except OSError as exc:
+            if not self.dropped:
+                sys.stderr.write(f"crawler: the log file cannot be written ({exc.strerror or exc}); "
+                                 "its lines are dropped until it can\n")
+            self.dropped += 1
+            self._failed_at = now  # what the file's buffer still holds goes out with a later flush
+
+
+RETRY_FILE_S = 1.0  # a log file that failed is tried again this long after
 
 
 _open_file: TextIO | None = None
@@ -59,7 +88,10 @@ def configure(run_id: str | None, log_file: Path | None, console: bool, verbose:
     """Route structlog to the run's JSON file and the console. Call again for the next run."""
     global _open_file
     if _open_file is not None:
-        _open_file.close()
+        try:
+            _open_file.close()
+        except OSError as exc:  # its last lines could not be flushed (a full disk)
+            sys.stderr.write(f"crawler: the log file's last lines could not be written ({exc.strerror or exc})\n")
         _open_file = None
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

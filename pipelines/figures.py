@@ -35,6 +35,7 @@ from crawler.fetcher import Fetcher, FetchResult, make_session
 from crawler.git import GitRepo
 from crawler.netguard import GuardedResolver
 from crawler.sink import Sink, iso, utcnow
+from crawler.unrecorded import Unrecorded
 
 log = structlog.get_logger()
 
@@ -97,6 +98,9 @@ class FigureJob:
         self._started = time.monotonic()
         self._now_iso = iso(utcnow())
         self.fetcher: Fetcher | None = None
+        self.unrecorded = Unrecorded()
+        self._local_failures_in_a_row = 0
+        self.fatal: str | None = None  # why the run stopped on its own, in one line
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -139,7 +143,7 @@ class FigureJob:
             all_workers = asyncio.gather(*workers)
             await asyncio.wait([stop_wait, all_workers], return_when=asyncio.FIRST_COMPLETED)
             if self._stopping.is_set():
-                interrupted = True
+                interrupted = self.fatal is None
                 for p in producers:
                     p.cancel()
                 log.info("run.draining", inflight=sum(b.stats.inflight for b in self.budgets.all()),
@@ -233,10 +237,28 @@ class FigureJob:
                 return
             try:
                 await self._handle(row)
-            except Exception as exc:  # a bug or local I/O trouble: record, keep the row retryable
-                log.error("row.error", artifact_id=row["id"], error=f"{type(exc).__name__}: {exc}")
-                self._record(row["id"], host_of(row["image_url"]), FetchResult(
-                    "transient", str(row["image_url"]), "local_error"))
+            except Exception as exc:
+                self._local_failure(row["id"], exc)
+            else:
+                self._local_failures_in_a_row = 0
+
+    def _local_failure(self, artifact_id: str, exc: BaseException) -> None:
+        """Trouble on our side (a full disk, a file system gone read-only, a bug) is not the
+        upstream's fault: the row is left exactly as it was, due again at once, and nothing is
+        stamped. `run.local_failure_limit` rows in a row failing so stop the run: fetching on
+        would download the whole table only to throw it away."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("row.local_error", artifact_id=artifact_id, error=error,
+                  note="left as it was: the next run takes it again")
+        self.tally.counts["local_error"] += 1
+        self.unrecorded.add("local", _local_reason(exc), [artifact_id])
+        self._local_failures_in_a_row += 1
+        if self._local_failures_in_a_row >= self.cfg["run"]["local_failure_limit"] and self.fatal is None:
+            self.fatal = (f"{self._local_failures_in_a_row} rows in a row failed on this machine, the last with "
+                          f"{error}; stopped taking rows (run again once that is fixed)")
+            log.error("run.local_failures", rows=self._local_failures_in_a_row, error=error,
+                      note="stopped taking rows: the cause is on this machine, not upstream")
+            self._stopping.set()
 
     def _candidates(self, row: dict[str, Any]) -> dict[str, str] | None:
         """The row's canonical path for each image extension; None when the path would be unsafe."""
@@ -247,8 +269,8 @@ class FigureJob:
             return dict(zip(media.EXTENSIONS, paths.contain_all(self.root, rels)))
         except paths.PathError as exc:
             row["path_error"] = ("failed", "unsafe_path", str(exc))
-        except Exception as exc:  # a site's resolver broke on this row: retryable, like local trouble
-            row["path_error"] = ("transient", "local_error", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a site's resolver broke on this row: our trouble, not the row's
+            row["path_error"] = exc
         return None
 
     async def _handle(self, row: dict[str, Any]) -> None:
@@ -256,8 +278,10 @@ class FigureJob:
         host = host_of(url)
         candidates = row["candidates"]
         if candidates is None:
+            if isinstance(row["path_error"], BaseException):
+                raise row["path_error"]
             outcome, code, message = row["path_error"]
-            log.error("row.bad_path" if code == "unsafe_path" else "row.error", artifact_id=row["id"], error=message)
+            log.error("row.bad_path", artifact_id=row["id"], error=message)
             self._record(row["id"], host, FetchResult(outcome, str(url), code))
             return
         # A crash after the rename but before the stamp left the file in place: use it as it is.
@@ -379,9 +403,21 @@ class FigureJob:
             "requests_per_budget": {b.name: b.stats.started for b in self.budgets.all()},
             # Hosts that answered HEAD 404 for files GET then served: their HEAD 404s were not trusted.
             "head_404_untrusted": self.fetcher.head_untrusted if self.fetcher is not None else [],
-            # Work attempted but not recorded (exit 3): commits that failed, rows the database refused.
-            "unrecorded": self.committer.unrecorded.as_list() + self.sink.unrecorded.as_list(),
+            "local_error": c["local_error"],
+            # Work attempted but not recorded (exit 3): rows that failed on this machine, commits
+            # that failed, rows the database refused.
+            "unrecorded": (self.unrecorded.as_list() + self.committer.unrecorded.as_list()
+                           + self.sink.unrecorded.as_list()),
+            **({"fatal": self.fatal} if self.fatal else {}),
         }
+
+
+def _local_reason(exc: BaseException) -> str:
+    """What went wrong on this machine, in words that group rows by cause."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        import os
+        return f"{os.strerror(exc.errno)} (on this machine; the rows were left as they were)"
+    return f"{type(exc).__name__} (on this machine; the rows were left as they were)"
 
 
 def host_of(url: Any) -> str:
