@@ -11,7 +11,7 @@ from pathlib import Path
 from . import config as config_mod
 from . import engine, logs, native, redact, report
 from .config import Config, ConfigError
-from .db import Database, DatabaseError
+from .db import Database, DatabaseError, is_connection_error
 from .git import GitError
 from .paths import PathError
 
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
     except DatabaseError as exc:
         return fail(str(exc), engine.EXIT_FAILED)
+    except Exception as exc:
+        if is_connection_error(exc):
+            return fail(f"the database went away: {type(exc).__name__}: {exc}", engine.EXIT_FAILED)
+        raise
     except KeyboardInterrupt:
         return engine.EXIT_INTERRUPTED
     finally:

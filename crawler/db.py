@@ -24,8 +24,9 @@ def to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str).encode("utf-8", "replace").decode("utf-8")
 
 
-# A row's values the database refuses (a cast out of range, bad JSON text): that row's problem.
-DataError = asyncpg.DataError
+# A row's values the database refuses (a cast out of range, bad JSON text), or a row another
+# session holds locked past db.lock_timeout_s: that row's problem, not the batch's.
+DataError = (asyncpg.DataError, asyncpg.exceptions.LockNotAvailableError)
 
 
 class DatabaseError(Exception):
@@ -60,6 +61,16 @@ class Change:
     file_path: str | None = None
     bump_key: str | None = None
     detail: dict[str, Any] | None = None
+    change_id: str | None = None  # given by the sink: unique, so a batch sent twice is written once
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or went away (a restart, a network
+    cut, a shutdown), as opposed to refusing what was sent: the write is kept and sent again."""
+    return isinstance(exc, (
+        OSError, TimeoutError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+        asyncpg.exceptions.CannotConnectNowError))
 
 
 class Database:
@@ -70,10 +81,19 @@ class Database:
         self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
 
     @classmethod
-    async def connect(cls, dsn: str, table: str, schema: str, timeout_s: float,
-                      max_size: int = 4) -> Database:
+    async def connect(cls, dsn: str, table: str, schema: str, timeout_s: float, max_size: int = 4,
+                      statement_timeout_s: float = 0, lock_timeout_s: float = 0,
+                      idle_in_transaction_timeout_s: float = 0) -> Database:
+        # The server ends a statement, a wait for a row lock or a transaction left open after
+        # these: a row another session holds locked can no longer hold up the sink for ever.
+        settings = {"statement_timeout": f"{int(statement_timeout_s * 1000)}",
+                    "lock_timeout": f"{int(lock_timeout_s * 1000)}",
+                    "idle_in_transaction_session_timeout": f"{int(idle_in_transaction_timeout_s * 1000)}"}
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, timeout=timeout_s)
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=max_size, timeout=timeout_s, server_settings=settings,
+                # ... and the client gives up a little later, should the server not answer at all
+                command_timeout=statement_timeout_s + timeout_s if statement_timeout_s else None)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
             raise DatabaseError(f"cannot connect to the database: {exc}") from None
         return cls(pool, table, schema)
@@ -149,7 +169,7 @@ class Database:
         """Merge every change in one transaction and one round trip; journal each. Returns rows written."""
         if not changes:
             return 0
-        cols: list[list[str | None]] = [[], [], [], [], [], []]
+        cols: list[list[str | None]] = [[], [], [], [], [], [], []]
         for c in changes:
             cols[0].append(c.artifact_id)
             cols[1].append(c.outcome)
@@ -157,6 +177,7 @@ class Database:
             cols[3].append(to_json(c.patch))
             cols[4].append(c.bump_key)
             cols[5].append(to_json(c.detail or {}))
+            cols[6].append(c.change_id)
         async with self._pool.acquire() as conn, conn.transaction():
             written = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
         return len(written)

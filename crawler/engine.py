@@ -10,6 +10,7 @@ interrupted (run again to resume).
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -22,7 +23,7 @@ import structlog
 
 from . import logs, native, redact, report
 from .config import Config
-from .db import Database
+from .db import Database, is_connection_error
 from .sink import iso, utcnow
 
 log = structlog.get_logger()
@@ -44,7 +45,9 @@ def new_run_id(command: str) -> str:
 
 async def open_database(cfg: Config) -> Database:
     db = await Database.connect(cfg["db"]["dsn"], cfg["db"]["artifacts_table"], cfg["db"]["state_schema"],
-                                cfg["db"]["connect_timeout_s"])
+                                cfg["db"]["connect_timeout_s"], statement_timeout_s=cfg["db"]["statement_timeout_s"],
+                                lock_timeout_s=cfg["db"]["lock_timeout_s"],
+                                idle_in_transaction_timeout_s=cfg["db"]["idle_in_transaction_timeout_s"])
     try:
         await db.prepare()
     except BaseException:
@@ -73,9 +76,16 @@ async def run_job(cfg: Config, db: Database, command: str,
             log.warning("run.stopping", signal=signal.Signals(signum).name,
                         note="finishing rows in flight; a second signal stops at once")
             job.stop()
-        else:
-            log.warning("run.aborting", signal=signal.Signals(signum).name)
+        elif signals == 2:
+            log.warning("run.aborting", signal=signal.Signals(signum).name,
+                        note="cutting requests in flight; committing what is placed; a third signal exits at once")
             job.abort()
+        else:
+            # Whatever hangs (a database or git that never answers), the operator gets the process
+            # back. Nothing is lost: what was placed but not stamped is adopted by the next run.
+            log.warning("run.exiting_now", signal=signal.Signals(signum).name)
+            logs.close()
+            os._exit(EXIT_INTERRUPTED)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -105,11 +115,29 @@ async def run_job(cfg: Config, db: Database, command: str,
         except OSError as exc:  # a full disk: the runs table below still gets the summary
             log.error("report.write_failed", folder=str(folder), error=str(exc))
         try:
-            await db.finish_run(run_id, status, _lean(summary))
+            await _finish_run(db, run_id, status, _lean(summary), float(cfg["db"]["outage_max_s"]))
         finally:
             log.info("run.finish", **_lean(summary))
             logs.close()
     return EXIT_FOR[status], summary
+
+
+async def _finish_run(db: Database, run_id: str, status: str, summary: dict[str, Any], outage_max_s: float) -> None:
+    """The run's row gets its end, riding out a database that is away for a while (a row left
+    `running` would look like a run still going)."""
+    deadline = time.monotonic() + outage_max_s
+    wait = 0.25
+    while True:
+        try:
+            await db.finish_run(run_id, status, summary)
+            return
+        except Exception as exc:
+            if not is_connection_error(exc) or time.monotonic() + wait > deadline:
+                log.error("run.finish_not_recorded", error=f"{type(exc).__name__}: {exc}",
+                          note="the runs table still says running for this run")
+                return
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
 
 
 def _lean(summary: dict[str, Any]) -> dict[str, Any]:

@@ -12,23 +12,20 @@ whose rows the next run simply takes again.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 
 from . import redact
-from .db import Change, Database
+from .db import Change, Database, DatabaseError, DataError, is_connection_error
 from .unrecorded import Unrecorded
 
 log = structlog.get_logger()
-
-
-def asyncpg_errors() -> tuple[type[BaseException], ...]:
-    """Errors that belong to the data, not the connection (a lost connection is retried whole)."""
-    from .db import DataError
-    return (DataError,)
 
 
 def iso(dt: datetime) -> str:
@@ -103,8 +100,14 @@ def file_unrecoverable(artifact_id: str, reason: str) -> Change:
 # -- the writer ------------------------------------------------------------------------------------
 
 class Sink:
+    """Buffers changes and writes them in journalled batches. While the database cannot be
+    reached, writes are kept and sent again with back-off, and `healthy` is cleared so the job
+    stops taking rows; past `outage_max_s` it calls `on_outage_over` once with a one-line reason.
+    Every change gets an id, so a batch sent again after a lost answer is written once."""
+
     def __init__(self, db: Database, run_id: str, flush_rows: int, flush_interval_s: float,
-                 on_written: Callable[[list[Change]], None] | None = None) -> None:
+                 on_written: Callable[[list[Change]], None] | None = None, outage_max_s: float = float("inf"),
+                 on_outage_over: Callable[[str], None] | None = None) -> None:
         self._db = db
         self._run_id = run_id
         self._flush_rows = flush_rows
@@ -115,6 +118,14 @@ class Sink:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._on_written = on_written
+        self._ids = itertools.count()
+        self.outage_max_s = outage_max_s
+        self._on_outage_over = on_outage_over
+        self.healthy = asyncio.Event()  # cleared while the database cannot be written
+        self.healthy.set()
+        self.down_since: float | None = None
+        self.failed: str | None = None  # the outage outlasted outage_max_s: why, in one line
+        self._backoff = BACKOFF_FIRST_S
         self.written = 0
         self.refused: list[str] = []
         self.unrecorded = Unrecorded()
@@ -123,7 +134,7 @@ class Sink:
         self._task = asyncio.create_task(self._loop(), name="sink")
 
     def record(self, change: Change) -> None:
-        self._buffer.append(change)
+        self._buffer.append(replace(change, change_id=f"{self._run_id}:{next(self._ids)}"))
         if len(self._buffer) >= self._flush_rows:
             self._wake.set()
 
@@ -133,15 +144,42 @@ class Sink:
 
     async def _loop(self) -> None:
         while not self._closing:
+            wait = self._interval if self.down_since is None else self._backoff
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
             self._wake.clear()
             try:
                 await self.flush()
             except Exception as exc:  # keep the buffer; the next flush tries again
-                log.error("sink.write_failed", error=str(exc), waiting=len(self._buffer))
+                if is_connection_error(exc):
+                    self.went_down(exc)
+                else:
+                    log.error("sink.write_failed", error=f"{type(exc).__name__}: {exc}", waiting=len(self._buffer))
+
+    def went_down(self, exc: BaseException) -> None:
+        """The database could not be reached: say so once, pause the job, count the outage."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            self._backoff = BACKOFF_FIRST_S
+            self.healthy.clear()
+            log.error("db.unavailable", error=f"{type(exc).__name__}: {exc}", waiting=len(self._buffer),
+                      note=f"fetching paused; writes kept and sent again for up to {self.outage_max_s:.0f} s")
+        else:
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        if now - self.down_since > self.outage_max_s and self.failed is None:
+            self.failed = (f"the database has been unreachable for over {self.outage_max_s:.0f} s "
+                           f"({type(exc).__name__}: {exc}); stopped (run again once it is back)")
+            if self._on_outage_over is not None:
+                self._on_outage_over(self.failed)
+
+    def came_back(self) -> None:
+        if self.down_since is not None:
+            log.warning("db.back", after_s=round(time.monotonic() - self.down_since, 1), waiting=len(self._buffer))
+            self.down_since = None
+            self.healthy.set()
 
     async def flush(self) -> None:
         async with self._lock:
@@ -149,7 +187,7 @@ class Sink:
                 batch = self._buffer[: self._flush_rows]
                 try:
                     await self._db.apply_changes(self._run_id, batch)
-                except asyncpg_errors() as exc:
+                except DataError as exc:
                     # One row the database refuses must not hold back every outcome behind it:
                     # write the batch row by row and set aside only the row that fails.
                     log.error("sink.batch_failed", rows=len(batch), error=str(exc))
@@ -158,12 +196,13 @@ class Sink:
                 self.written += len(batch)
                 if self._on_written is not None:
                     self._on_written(batch)
+            self.came_back()
 
     async def _one_by_one(self, batch: list[Change]) -> list[Change]:
         for change in batch:
             try:
                 await self._db.apply_changes(self._run_id, [change])
-            except asyncpg_errors() as exc:
+            except DataError as exc:
                 self.refused.append(change.artifact_id)
                 log.error("row.write_refused", artifact_id=change.artifact_id, outcome=change.outcome,
                           error=str(exc), note="left as it was; the next run takes it again")
@@ -176,6 +215,8 @@ class Sink:
         return len(self._buffer)
 
     async def close(self) -> None:
+        """Write what is left. While the database is away this keeps trying, until the outage
+        passes outage_max_s (then DatabaseError); the caller bounds how long it waits."""
         # Stop the loop between batches, never inside one: a batch cut off mid-write would
         # only be repaired by the next run.
         self._closing = True
@@ -183,4 +224,18 @@ class Sink:
         if self._task is not None:
             await self._task
             self._task = None
-        await self.flush()
+        while True:
+            try:
+                await self.flush()
+                return
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                self.went_down(exc)
+                if self.failed is not None:
+                    raise DatabaseError(f"{len(self._buffer)} outcomes could not be written: {self.failed}") from None
+                await asyncio.sleep(self._backoff)
+
+
+BACKOFF_FIRST_S = 0.25  # the first wait before writing again after the database went away
+BACKOFF_MAX_S = 5.0

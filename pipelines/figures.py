@@ -30,7 +30,7 @@ from crawler import engine, files, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
 from crawler.committer import Committer, PlacedFile
 from crawler.config import Config
-from crawler.db import Change, Database
+from crawler.db import Change, Database, DatabaseError, is_connection_error
 from crawler.fetcher import Fetcher, FetchResult, make_session
 from crawler.git import GitRepo
 from crawler.netguard import GuardedResolver
@@ -87,7 +87,8 @@ class FigureJob:
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
                             cfg["artifacts"]["split_index"])
-        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
+        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
+                         outage_max_s=cfg["db"]["outage_max_s"], on_outage_over=self._give_up)
         self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],
                                    cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures",
                                    cfg["artifacts"]["max_uncommitted"], cfg["artifacts"]["fsync"])
@@ -170,10 +171,26 @@ class FigureJob:
             await asyncio.gather(*workers, return_exceptions=True)
             progress.cancel()
             # file in place → commit → stamp: the committer flushes its stamps through the sink.
-            await self.committer.close()
-            await self.sink.close()
+            # Bounded: a database or git that never answers must not hold the stop for ever; what
+            # is left then is repaired by the next run (files on disk are adopted).
+            await self._bounded_close(drain_timeout_s)
             await session.close()
         return self._summary(interrupted)
+
+    async def _bounded_close(self, drain_timeout_s: float) -> None:
+        deadline = time.monotonic() + max(drain_timeout_s, 1.0)
+        for name, closing in (("committer", self.committer.close), ("sink", self.sink.close)):
+            try:
+                await asyncio.wait_for(closing(), max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                log.error("run.close_timeout", part=name, waiting=self.committer.pending + self.sink.pending,
+                          note="not finished within run.drain_timeout_s; the next run repairs what is left")
+                if self.fatal is None:
+                    self.fatal = (f"the {name} could not finish within run.drain_timeout_s "
+                                  f"({self.sink.failed or 'the database or git did not answer'})")
+            except DatabaseError as exc:
+                log.error("run.close_failed", part=name, error=str(exc))
+                self.fatal = self.fatal or str(exc)
 
     # -- planning and producing ---------------------------------------------------------------------
     async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:
@@ -204,7 +221,7 @@ class FigureJob:
         page_size = self.cfg["db"]["page_size"]
         try:
             while not self._stopping.is_set():
-                rows = await self.db.figure_page(hosts, after, page_size, self._now_iso, self.opts.retry_failed)
+                rows = await self._page(hosts, after, page_size)
                 if not rows:
                     break
                 after = rows[-1]["id"]
@@ -235,12 +252,50 @@ class FigureJob:
             row = await queue.get()
             if row is _STOP or self._stopping.is_set():
                 return
+            await self._while_db_away()
+            if self._stopping.is_set():
+                return  # left as it was: the next run takes it
             try:
                 await self._handle(row)
             except Exception as exc:
                 self._local_failure(row["id"], exc)
             else:
                 self._local_failures_in_a_row = 0
+
+    def _give_up(self, why: str) -> None:
+        """Stop on our own (the database away too long): the cause, in one line, ends the run."""
+        if self.fatal is None:
+            self.fatal = why
+            log.error("run.giving_up", error=why)
+        self._stopping.set()
+
+    async def _while_db_away(self) -> None:
+        """Take no row while the database cannot be written: its outcome could not be recorded."""
+        if self.sink.healthy.is_set():
+            return
+        stop = asyncio.ensure_future(self._stopping.wait())
+        back = asyncio.ensure_future(self.sink.healthy.wait())
+        try:
+            await asyncio.wait([stop, back], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            back.cancel()
+
+    async def _page(self, hosts: list[str] | None, after: str, page_size: int) -> list[dict[str, Any]]:
+        """One page of rows; while the database is away, wait and ask again (the sink keeps the
+        outage's clock and ends the run when it lasts too long)."""
+        while True:
+            try:
+                rows = await self.db.figure_page(hosts, after, page_size, self._now_iso, self.opts.retry_failed)
+                self.sink.came_back()
+                return rows
+            except Exception as exc:
+                if not is_connection_error(exc) or self._stopping.is_set():
+                    raise
+                self.sink.went_down(exc)
+                if self.sink.failed is not None:
+                    return []
+                await asyncio.sleep(self.sink._backoff)
 
     def _local_failure(self, artifact_id: str, exc: BaseException) -> None:
         """Trouble on our side (a full disk, a file system gone read-only, a bug) is not the

@@ -21,7 +21,12 @@ def pg_admin_dsn() -> str:
     if os.environ.get("CRAWLER_TEST_DSN"):
         return os.environ["CRAWLER_TEST_DSN"]
     root = Path(tempfile.mkdtemp(prefix="crawler-test-pg-"))
-    return pg.start(root / "data", keep=False)
+    global EMBEDDED_PGDATA
+    EMBEDDED_PGDATA = root / "data"
+    return pg.start(EMBEDDED_PGDATA, keep=False)
+
+
+EMBEDDED_PGDATA: Path | None = None  # the embedded server's data folder (tests that stop and start it)
 
 
 @pytest.fixture

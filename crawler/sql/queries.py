@@ -78,9 +78,11 @@ limit $5"""
 # `before` holds the values from before the update.
 APPLY_CHANGES = """
 with input as (
-  select t.id, t.outcome, t.file_path, t.patch::jsonb as patch, t.bump_key, t.detail::jsonb as detail
-  from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-    as t(id, outcome, file_path, patch, bump_key, detail)
+  select t.id, t.outcome, t.file_path, t.patch::jsonb as patch, t.bump_key, t.detail::jsonb as detail, t.change_id
+  from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+    as t(id, outcome, file_path, patch, bump_key, detail, change_id)
+  -- sent again after a lost answer: what the journal holds was written already
+  where t.change_id is null or not exists (select 1 from {schema}.journal j where j.change_id = t.change_id)
 ), before as (
   select a.id, a.file_path, a.metadata from {table} a join input i on a.id = i.id
   where jsonb_typeof(a.metadata) = 'object'
@@ -99,13 +101,13 @@ with input as (
   returning a.id, a.file_path, a.metadata
 )
 insert into {schema}.journal
-  (run_id, artifact_id, outcome, before_file_path, after_file_path, before_metadata, after_metadata, detail)
+  (run_id, artifact_id, outcome, before_file_path, after_file_path, before_metadata, after_metadata, detail, change_id)
 select $1, i.id, i.outcome, b.file_path, u.file_path,
   (select coalesce(jsonb_object_agg(k, b.metadata->k), '{{}}'::jsonb)
      from jsonb_object_keys(u.metadata) k where (i.patch ? k or k = i.bump_key) and b.metadata ? k),
   (select coalesce(jsonb_object_agg(k, u.metadata->k), '{{}}'::jsonb)
      from jsonb_object_keys(u.metadata) k where i.patch ? k or k = i.bump_key),
-  i.detail
+  i.detail, i.change_id
 from input i join before b on b.id = i.id join updated u on u.id = i.id
 returning artifact_id"""
 

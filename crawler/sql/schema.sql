@@ -21,9 +21,11 @@ create table if not exists {schema}.journal (
   after_file_path  text,
   before_metadata  jsonb not null,   -- the keys the change wrote, as they were (absent keys omitted)
   after_metadata   jsonb not null,   -- the same keys as written
-  detail           jsonb
+  detail           jsonb,
+  change_id        text               -- unique per change: a batch sent again after a lost answer skips what it holds
 );
 create index if not exists journal_artifact_idx on {schema}.journal (artifact_id);
+create unique index if not exists journal_change_idx on {schema}.journal (change_id);
 create index if not exists journal_run_idx on {schema}.journal (run_id);
 
 -- Every member header of every S3 tarball read, so no later question re-reads a tarball.

