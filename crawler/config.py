@@ -145,7 +145,7 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")
     for section, key in [("http", "max_redirects"), ("http", "max_retries"), ("run", "drain_timeout_s"),
                          ("db", "statement_timeout_s"), ("db", "lock_timeout_s"), ("db", "idle_in_transaction_timeout_s"),
-                         ("db", "outage_max_s"),
+                         ("db", "outage_max_s"), ("recovery", "stream_resumes"),
                          ("http", "head_404_confirm"),
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:

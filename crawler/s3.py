@@ -20,6 +20,7 @@ This is the only module that talks S3 (aiobotocore). The contract:
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -27,9 +28,12 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+
+log = structlog.get_logger()
 
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
 
@@ -185,25 +189,49 @@ class S3Store:
         return latest(await self.list(bucket, prefix, page_size=page_size), n)
 
     async def stream(self, bucket: str, key: str, chunk_bytes: int, *,
-                     etag: str | None = None) -> AsyncIterator[bytes]:
+                     etag: str | None = None, resumes: int = 0, backoff_s: float = 0.5) -> AsyncIterator[bytes]:
         """Yield the object's bytes in order, each chunk at most `chunk_bytes` (often less: a
         chunk is what the connection has delivered, not a fixed size).
 
-        With `etag` (as `ObjectInfo.etag` gives it), the read fails with code
-        PreconditionFailed if the object was replaced since it was listed, rather than mixing
-        two backups. A body shorter than its Content-Length raises S3Error, never a silent EOF.
+        A read that fails mid-stream (a reset, a 5xx, a body cut short) is resumed from the byte
+        reached with a ranged GET, at most `resumes` times in all: a large backup is not read
+        from its start again for one network hiccup. With `etag` (as `ObjectInfo.etag` gives
+        it), every read fails with code PreconditionFailed if the object was replaced since it
+        was listed, rather than mixing two backups. What S3 refuses for good (no such key, access
+        denied, replaced) is not retried. A body shorter than its Content-Length raises S3Error,
+        never a silent EOF.
         """
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         client = self._require_client()
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
-        try:
-            response = await client.get_object(Bucket=bucket, Key=key, **extra)
-            # `async with` closes the HTTP response whether the consumer reads to the end or
-            # stops early (aclose/cancellation), so a connection is never left half-read.
-            # iter_chunks is the async API: the body's sync iteration is blocked in aiobotocore.
-            async with response["Body"] as body:
-                async for chunk in body.iter_chunks(chunk_bytes):
-                    yield chunk
-        except _S3_FAILURES as exc:
-            raise _s3_error(exc, f"s3://{bucket}/{key}") from exc
+        offset = 0
+        failures = 0
+        while True:
+            ranged = {"Range": f"bytes={offset}-"} if offset else {}
+            try:
+                response = await client.get_object(Bucket=bucket, Key=key, **extra, **ranged)
+                if offset and not str(response.get("ContentRange", "")).startswith(f"bytes {offset}-"):
+                    raise S3Error(f"s3://{bucket}/{key}: asked for bytes from {offset}, got "
+                                  f"{response.get('ContentRange') or 'the whole object'}", "BadRange")
+                # `async with` closes the HTTP response whether the consumer reads to the end or
+                # stops early (aclose/cancellation), so a connection is never left half-read.
+                # iter_chunks is the async API: the body's sync iteration is blocked in aiobotocore.
+                async with response["Body"] as body:
+                    async for chunk in body.iter_chunks(chunk_bytes):
+                        offset += len(chunk)
+                        yield chunk
+                return
+            except _S3_FAILURES as exc:
+                error = _s3_error(exc, f"s3://{bucket}/{key}")
+                if error.code in FINAL_CODES or failures >= resumes:
+                    raise error from exc
+                failures += 1
+                log.warning("s3.stream_resumed", url=f"s3://{bucket}/{key}", at_byte=offset, attempt=failures,
+                            error=str(error))
+                await asyncio.sleep(backoff_s * failures)
+
+
+# S3 answers that another try cannot change.
+FINAL_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "AccessDenied", "PreconditionFailed", "InvalidAccessKeyId",
+                         "SignatureDoesNotMatch", "403", "404", "412", "NoCredentialsError", "InvalidRange", "416"})

@@ -198,6 +198,8 @@ class RecoverJob:
         jobs.append(tarballs.search(self.cfg, self.db, self.run_id, wanted, self.searched))
         found = await asyncio.gather(*jobs)
         candidates = [c for batch in found for c in batch]
+        for source in self.searched.get("unread", []):
+            self.unrecorded.add("source", f"could not be read: {source['error']}", count=1, source=source["source"])
         log.info("recover.searched", candidates=len(candidates), worktrees=len(worktrees),
                  tarballs=self.searched["tarballs"], history=self.searched["history"])
         return candidates
@@ -356,6 +358,9 @@ class RecoverJob:
         where.append(f"{self.searched['worktrees']} worktree{'s' if self.searched['worktrees'] != 1 else ''}")
         where.append(f"{self.searched['tarballs']} tarball{'s' if self.searched['tarballs'] != 1 else ''}")
         searched = ", ".join(where[:-1]) + " or " + where[-1]
+        unread = self.searched.get("unread", [])
+        if unread:
+            searched += "; not read: " + ", ".join(f"{u['source']} ({u['error'][:120]})" for u in unread)
         status = self._status(s)
         if status == "unrecoverable":
             text = f"lost for good: {d.reason if d else ''}"

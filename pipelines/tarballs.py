@@ -43,8 +43,14 @@ async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searche
     bucket, prefix = s3.parse_s3_url(rec["s3_prefix"])
     staging_root = Path(rec["staging_dir"]).resolve()
     out: list[Candidate] = []
+    unread: list[dict[str, str]] = searched.setdefault("unread", [])
     async with s3.S3Store(cfg["s3"]["endpoint_url"], cfg["s3"]["region"]) as store:
-        chosen = await store.latest_tarballs(bucket, prefix, rec["tarballs"])
+        try:
+            chosen = await store.latest_tarballs(bucket, prefix, rec["tarballs"])
+        except s3.S3Error as exc:  # no credentials, no such bucket, the endpoint down: say so, bind the rest
+            log.error("recover.tarballs_unlisted", prefix=rec["s3_prefix"], error=str(exc))
+            unread.append({"source": rec["s3_prefix"], "error": str(exc)})
+            return []
         searched["tarballs"] = len(chosen)
         log.info("recover.tarballs", chosen=[o.key for o in chosen])
         for obj in chosen:
@@ -54,8 +60,17 @@ async def search(cfg: Config, db: Database, run_id: str, wanted: Wanted, searche
                 log.info("tarball.from_manifest", tarball=url, members=manifest["members"], error=manifest["error"])
                 manifest_id = manifest["id"]
             else:
-                manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec,
-                                          searched)
+                try:
+                    manifest_id = await _scan(db, store, tarscan, bucket, obj, url, run_id, wanted, staging_root, rec,
+                                              searched)
+                except s3.S3Error as exc:
+                    # Unreadable after its resumes: what other sources found is still bound; the
+                    # tarball is named in the summary and the residual reasons; the next run reads
+                    # it again (its manifest stays incomplete).
+                    log.error("tarball.unreadable", tarball=url, error=str(exc))
+                    unread.append({"source": url, "error": str(exc)})
+                    searched.pop("reading", None)
+                    continue
             for m in await db.manifest_extracted(manifest_id):
                 out.append(Candidate(f"{url}#{m['path']}", "s3", m["norm_path"], m["size"], m["sha256"],
                                      handle=Path(m["staging_path"])))
@@ -92,7 +107,8 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
     progress = {"tarball": url, "tarball_size": obj.size, "tarball_bytes_read": 0}
     searched["reading"] = progress
     result = await tarscan.scan(
-        _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"], etag=obj.etag), pending, db, progress),
+        _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"], etag=obj.etag, resumes=rec["stream_resumes"]),
+                  pending, db, progress),
         wanted, staging,
         max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"], on_member=on_member)
     await db.manifest_add_members(pending)

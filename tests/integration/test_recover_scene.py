@@ -162,3 +162,39 @@ async def test_stop_during_a_search_ends_the_run_promptly(dsn, repo, tmp_path, m
         await db.close()
     assert summary["interrupted"] is True
     assert (await rows_by_id(dsn))["d-1"]["file_path"] is None
+
+
+async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound(dsn, repo, tmp_path, s3):
+    """S3 cuts every read of the backup: after its resumes the tarball is given up, the row the
+    checkout answers is still bound, the summary and the residual name the unread tarball, and
+    the run exits 3 (some work could not be done) rather than failing whole or claiming success."""
+    import io
+    import tarfile
+
+    from tests.s3proxy import CuttingProxy
+    (repo / "datasets").mkdir()
+    (repo / "datasets" / "local.csv").write_bytes(b"a,b\n1,2\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = __import__("os").urandom(600_000)
+        info = tarfile.TarInfo("datasets/remote.csv")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    s3.upload(BUCKET, [("unread/scidex-host-20260315T020000.tar.gz", buf.getvalue())])
+    await insert_artifacts(dsn, [
+        ("u-local", "dataset", {"expected_path": "datasets/local.csv"}, None),
+        ("u-remote", "dataset", {"expected_path": "datasets/remote.csv"}, None),
+    ])
+    async with CuttingProxy(s3.endpoint_url, ".tar.gz", cut_after=100_000, cuts=1000) as proxy:
+        cfg = recover_config(dsn, repo, tmp_path, s3_prefix=f"s3://{BUCKET}/unread/", stream_resumes=2)
+        cfg.raw["s3"]["endpoint_url"] = proxy.endpoint_url
+        status, summary = await run_recover(cfg)
+    assert status == 3 and summary["status"] == "finished_with_errors"
+    assert proxy.cut_count == 3  # the first read and its two resumes
+    [source] = [u for u in summary["unrecorded"] if u["what"] == "source"]
+    assert source["source"].endswith("20260315T020000.tar.gz") and "could not be read" in source["why"]
+    got = await rows_by_id(dsn)
+    assert got["u-local"]["file_path"] == "datasets/local.csv" and got["u-remote"]["file_path"] is None
+    folder = Path(cfg["report"]["dir"]) / summary["run_id"]
+    residual = {r["artifact_id"]: r["failure_mode"] for r in read_csv(folder / "residual.csv")}
+    assert "not read: s3://scidex/unread/scidex-host-20260315T020000.tar.gz" in residual["u-remote"]

@@ -223,3 +223,33 @@ async def test_stream_failures_are_s3_errors(s3_admin: Any, s3_endpoint: str) ->
             async for _ in store.stream(bucket, "k.tar", 1024, etag=listed.etag):
                 pass
         assert info.value.code == "PreconditionFailed"
+
+
+async def test_a_stream_cut_mid_way_resumes_from_the_byte_reached(s3_admin: Any, s3_endpoint: str) -> None:
+    """The connection is reset twice mid-body: the reader asks for the rest with ranged GETs
+    and yields exactly the object, never its start again."""
+    from tests.s3proxy import CuttingProxy
+    bucket = await new_bucket(s3_admin)
+    body = os.urandom(3 << 20)
+    await s3_admin.put_object(Bucket=bucket, Key="backups/HOST/big.tar.gz", Body=body)
+    async with CuttingProxy(s3_endpoint, "big.tar.gz", cut_after=700_000, cuts=2) as proxy:
+        async with S3Store(proxy.endpoint_url, REGION, max_attempts=1) as store:
+            (listed,) = await store.list(bucket, "backups/HOST/big")
+            got = bytearray()
+            async for chunk in store.stream(bucket, listed.key, 1 << 16, etag=listed.etag, resumes=3, backoff_s=0):
+                got += chunk
+    assert bytes(got) == body
+    assert proxy.cut_count == 2 and len(proxy.ranges) == 2
+    assert all(r.startswith("bytes=") and int(r[6:-1]) > 0 for r in proxy.ranges)
+
+
+async def test_a_stream_that_keeps_failing_gives_up_after_its_resumes(s3_admin: Any, s3_endpoint: str) -> None:
+    from tests.s3proxy import CuttingProxy
+    bucket = await new_bucket(s3_admin)
+    await s3_admin.put_object(Bucket=bucket, Key="x.tar", Body=os.urandom(1 << 20))
+    async with CuttingProxy(s3_endpoint, "x.tar", cut_after=100_000, cuts=100) as proxy:
+        async with S3Store(proxy.endpoint_url, REGION, max_attempts=1) as store:
+            with pytest.raises(S3Error):
+                async for _ in store.stream(bucket, "x.tar", 1 << 16, resumes=2, backoff_s=0):
+                    pass
+    assert proxy.cut_count == 3
