@@ -203,3 +203,32 @@ async def test_a_second_signal_aborts_at_once_and_is_still_safe(dsn, repo, tmp_p
         code, _, err = await run_cli("figures", "--config", str(cfg))
         assert code == 0, err[-2000:]
         await assert_consistent(dsn, repo, bodies)
+
+
+async def test_kill_9_at_ten_random_moments_then_a_run_to_the_end(dsn, repo, tmp_path):
+    """kill, rerun, kill, ... at ten moments of one long job (anywhere: starting, fetching,
+    committing, stamping), then a run to the end: the database, the files and the branch agree,
+    and no URL was asked more often than the kills explain."""
+    import random
+    rng = random.Random(20261202)
+    async with UpstreamSimulator() as sim:
+        bodies = await scene(dsn, sim)
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        kills = 0
+        for _ in range(10):
+            proc = await start_cli("figures", "--config", str(cfg))
+            try:
+                await asyncio.wait_for(proc.wait(), rng.uniform(0.3, 2.5))  # a moment chosen at random
+            except TimeoutError:
+                proc.kill()
+                kills += 1
+            await proc.communicate()
+        code, _, err = await run_cli("figures", "--config", str(cfg))
+        assert code == 0, err[-2000:]
+        await assert_consistent(dsn, repo, bodies)
+        asked = Counter(r.path for r in sim.log if r.method == "HEAD")
+        assert len(asked) == ROWS
+        # A kill can cost a second request only for rows in flight or waiting for their database
+        # write at that moment: max_inflight (4) plus a flush's worth.
+        assert max(asked.values()) <= 1 + kills
+        assert sum(n - 1 for n in asked.values()) <= kills * 8
