@@ -266,7 +266,11 @@ async def test_starts_are_spaced_at_the_server_even_when_connecting_is_slow(dsn,
     monkeypatch.setattr(BudgetedConnector, "_create_connection", slow_setup)
     sim.set_route("cdn.example.com", "/c.png", Behaviour(body=PNG))
     await insert_figures(dsn, [("s-1", {"image_url": url("cdn.example.com", "/c.png")}, None)])
-    cfg = figure_config(dsn, repo, sim.port, tmp_path, budgets={"default": {"max_inflight": 1, "rate_per_s": 1.0}})
+    # A 250 ms guard: the margin between our clock and the server's a loaded machine cannot eat
+    # (the shipped 5 ms is for production; a start slot taken before the 0.4 s set-up would still
+    # land 0.35 s early here and fail).
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, budgets={"default": {"max_inflight": 1, "rate_per_s": 1.0}},
+                        http={"rate_guard_s": 0.25})
     _, summary = await run_figures(cfg)
     assert summary["fetched"] == 1
     head, get = sorted(sim.log, key=lambda r: r.start)
