@@ -132,7 +132,7 @@ async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> in
         raise ConfigError(f"--approve {approve}: no such file")
     opts = RecoverOptions(plan=getattr(args, "plan", False), approve=approve)
     status, summary = await engine.run_job(cfg, db, "recover", lambda run_id: RecoverJob(cfg, db, run_id, opts),
-                                           verbose=args.verbose)
+                                           verbose=args.verbose, record_run=not opts.plan)
     print_recover_line(summary)
     return status
 

@@ -57,14 +57,18 @@ async def open_database(cfg: Config) -> Database:
 
 
 async def run_job(cfg: Config, db: Database, command: str,
-                  make_job: Callable[[str], Job], verbose: bool = False) -> tuple[int, dict[str, Any]]:
-    """Run one job as a run of its own; returns (exit status, summary)."""
+                  make_job: Callable[[str], Job], verbose: bool = False,
+                  record_run: bool = True) -> tuple[int, dict[str, Any]]:
+    """Run one job as a run of its own; returns (exit status, summary). With `record_run`
+    false (a plan) the database is not written at all, not even the runs table: the run exists
+    only in its report folder."""
     run_id = new_run_id(command)
     folder = report.run_dir(Path(cfg["report"]["dir"]), run_id)
     logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()
     t0 = time.monotonic()
-    await db.start_run(run_id, command, cfg.masked())
+    if record_run:
+        await db.start_run(run_id, command, cfg.masked())
     log.info("run.start", command=command, config=cfg.masked(), report_dir=str(folder))
     job = make_job(run_id)
     signals = 0
@@ -115,7 +119,8 @@ async def run_job(cfg: Config, db: Database, command: str,
         except OSError as exc:  # a full disk: the runs table below still gets the summary
             log.error("report.write_failed", folder=str(folder), error=str(exc))
         try:
-            await _finish_run(db, run_id, status, _lean(summary), float(cfg["db"]["outage_max_s"]))
+            if record_run:
+                await _finish_run(db, run_id, status, _lean(summary), float(cfg["db"]["outage_max_s"]))
         finally:
             log.info("run.finish", **_lean(summary))
             logs.close()

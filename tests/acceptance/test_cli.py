@@ -136,13 +136,14 @@ async def assert_consistent(dsn: str, repo: Path, bodies: dict[str, bytes]) -> N
     assert git(repo, "status", "--porcelain") == ""
 
 
-async def test_sigterm_drains_exits_130_and_the_next_run_resumes(dsn, repo, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_signal_drains_exits_130_and_the_next_run_resumes(dsn, repo, tmp_path, stop):
     async with UpstreamSimulator() as sim:
         bodies = await scene(dsn, sim)
         cfg = config_file(dsn, repo, sim, tmp_path)
         proc = await start_cli("figures", "--config", str(cfg))
         await wait_for_outcomes(tmp_path / "reports", 10, proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 130, err.decode()[-2000:]
         [first] = [json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*/summary.json")]
@@ -232,3 +233,70 @@ async def test_kill_9_at_ten_random_moments_then_a_run_to_the_end(dsn, repo, tmp
         # write at that moment: max_inflight (4) plus a flush's worth.
         assert max(asked.values()) <= 1 + kills
         assert sum(n - 1 for n in asked.values()) <= kills * 8
+
+
+async def test_a_second_signal_cuts_requests_in_flight(dsn, repo, tmp_path):
+    """Answers that take a minute and a drain that would wait a minute: after the second
+    signal the job exits long before either, with what it had placed committed and stamped."""
+    import time
+    async with UpstreamSimulator() as sim:
+        bodies = await scene(dsn, sim)
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        slow_drain = cfg.read_text().replace('"drain_timeout_s" = 5\n', '"drain_timeout_s" = 60\n')
+        assert slow_drain != cfg.read_text()
+        cfg.write_text(slow_drain)
+        for i in range(8, ROWS):  # the first rows answer at once; the rest hang for a minute
+            if f"k-{i:02}" in bodies:
+                sim.set_route("europepmc.org", f"/k{i:02}.png", Behaviour(body=bodies[f"k-{i:02}"], delay_s=60))
+        proc = await start_cli("figures", "--config", str(cfg))
+        await wait_for_outcomes(tmp_path / "reports", 4, proc)
+        proc.send_signal(signal.SIGTERM)
+        await wait_for_event(tmp_path / "reports", "run.stopping", proc)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 130 and time.monotonic() - t0 < 30, "in-flight requests were cut, not waited for"
+        code, out, _ = await run_cli("report", "--config", str(cfg), "--json")
+        assert code == 0 and json.loads(out)["status"] == "interrupted"
+
+
+async def _database_text(dsn: str) -> str:
+    """Every row of every table the tool can see (the host's and its own schema), as text."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = await conn.fetch("""select table_schema, table_name from information_schema.tables
+                                     where table_schema in ('public', 'artifact_recovery') order by 1, 2""")
+        out = []
+        for t in tables:
+            rows = await conn.fetch(f'select t::text as r from "{t["table_schema"]}"."{t["table_name"]}" t order by 1')
+            out.append(f"{t['table_schema']}.{t['table_name']}: " + "\n".join(r["r"] for r in rows))
+        return "\n".join(out)
+    finally:
+        await conn.close()
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under the work tree, .git included (index, refs, objects), by its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+async def test_recover_plan_through_the_cli_changes_nothing_at_all(dsn, repo, tmp_path):
+    """--plan: the database (every table, the journal and runs included), and the work tree
+    with its .git, byte for byte as they were; the plan itself goes to the report folder."""
+    from tests.harness import insert_artifacts, recover_config
+    (repo / "datasets").mkdir()
+    (repo / "datasets" / "found.csv").write_bytes(b"a,b\n1,2\n")
+    await insert_artifacts(dsn, [("p-1", "dataset", {"expected_path": "datasets/found.csv"}, None),
+                                 ("p-2", "dataset", {"filename": "nowhere.csv"}, None)])
+    cfg = recover_config(dsn, repo, tmp_path)
+    config = tmp_path / "recover.toml"
+    config.write_text(to_toml(cfg.raw))
+    code, _, err = await run_cli("recover", "--config", str(config), "--plan")  # the schema is made once
+    assert code == 0, err[-2000:]
+    before_db, before_tree = await _database_text(dsn), _tree_bytes(repo)
+    code, _, err = await run_cli("recover", "--config", str(config), "--plan")
+    assert code == 0, err[-2000:]
+    assert await _database_text(dsn) == before_db
+    assert _tree_bytes(repo) == before_tree
+    plans = sorted((tmp_path / "reports").glob("*/plan.csv"))
+    assert plans and "p-1" in plans[-1].read_text()

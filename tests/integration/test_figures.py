@@ -276,3 +276,16 @@ async def test_starts_are_spaced_at_the_server_even_when_connecting_is_slow(dsn,
     head, get = sorted(sim.log, key=lambda r: r.start)
     assert get.start - head.start >= 1.0
     assert max_starts_in_window([r.start for r in sim.log]) <= 1
+
+
+async def test_a_row_whose_file_exists_costs_no_request(dsn, repo, sim, tmp_path):
+    """A row whose recorded file is there is not missing: no HEAD, no GET, no write."""
+    sim.set_route("europepmc.org", "/there.png", Behaviour(body=PNG))
+    (repo / "figures").mkdir()
+    (repo / "figures" / "there.png").write_bytes(PNG)
+    meta = {"image_url": url("europepmc.org", "/there.png"), "paper_id": "P"}
+    await insert_figures(dsn, [("e-1", meta, "figures/there.png")])
+    status, summary = await run_figures(figure_config(dsn, repo, sim.port, tmp_path))
+    assert status == 0 and summary["present"] == 1 and summary["attempted"] == 0
+    assert sim.log == []
+    assert (await rows_by_id(dsn))["e-1"] == {"file_path": "figures/there.png", "metadata": meta}
