@@ -132,8 +132,10 @@ class Committer:
         t0 = time.monotonic()
         try:
             known = {p.rel_path: p.data for batch in group for p in batch if p.data is not None}
+            # Read back from disk, a file must still be the content its row will be stamped with.
+            expected = {p.rel_path: p.sha256 for batch in group for p in batch if p.data is None and p.sha256}
             self._repo.index_s = 0.0
-            commits = await self._repo.commit_batches(list(zip(batches, messages)), known)
+            commits = await self._repo.commit_batches(list(zip(batches, messages)), known, expected)
             t1 = time.monotonic()
             if self._durable:
                 await files.sync_to_disk([self._repo.root, await self._repo.git_dir()])

@@ -139,13 +139,13 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                 ("http", "timeout_s"), ("http", "connect_timeout_s"), ("http", "max_bytes"),
                 ("http", "chunk_bytes"), ("run", "queue_rows"), ("report", "progress_interval_s"),
                 ("db", "flush_interval_s"), ("artifacts", "commit_interval_s"), ("http", "retry_after_max_s"),
-                ("run", "local_failure_limit")]
+                ("run", "local_failure_limit"), ("artifacts", "git_min_bytes_per_s")]
     for section, key in positive:
         if not tree[section][key] > 0:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")
     for section, key in [("http", "max_redirects"), ("http", "max_retries"), ("run", "drain_timeout_s"),
                          ("db", "statement_timeout_s"), ("db", "lock_timeout_s"), ("db", "idle_in_transaction_timeout_s"),
-                         ("db", "outage_max_s"), ("recovery", "stream_resumes"),
+                         ("db", "outage_max_s"), ("recovery", "stream_resumes"), ("recovery", "staging_max_bytes"),
                          ("http", "head_404_confirm"),
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:

@@ -165,10 +165,19 @@ async def sync_to_disk(paths: Iterable[Path]) -> None:
     await asyncio.to_thread(_do)
 
 
-async def copy(src: Path, dst: Path) -> None:
-    """Copy a file's bytes (no metadata) in a worker thread."""
-    import shutil
-    await asyncio.to_thread(shutil.copyfile, src, dst)
+async def copy_hashing(src: Path, dst: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """Copy a file's bytes (no metadata) in a worker thread; (sha256, size) of the very bytes
+    copied, which a file changing meanwhile cannot make differ from what landed."""
+    def _do() -> tuple[str, int]:
+        h = hashlib.sha256()
+        size = 0
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            while block := fin.read(chunk):
+                h.update(block)
+                fout.write(block)
+                size += len(block)
+        return h.hexdigest(), size
+    return await asyncio.to_thread(_do)
 
 
 async def place(temp: Path, final: Path) -> None:

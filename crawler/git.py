@@ -47,7 +47,7 @@ class GitError(Exception):
 
 class GitRepo:
     def __init__(self, root: Path, timeout_s: float, author_name: str, author_email: str,
-                 commit_command: str = "", split_index: bool = True) -> None:
+                 commit_command: str = "", split_index: bool = True, min_bytes_per_s: float = 4 << 20) -> None:
         self.root = root
         self.timeout_s = timeout_s
         self.commit_command = commit_command
@@ -58,6 +58,8 @@ class GitRepo:
         self._split_config: str | None = None
         self._legacy_done: Path | None = None
         self.index_s = 0.0  # time spent rewriting the checkout's index, for the commit log line
+        self.min_bytes_per_s = min_bytes_per_s  # the slowest reading of files a commit is allowed
+        self._read_s = 0.0
         self._git_dir: Path | None = None
         self._branch: str | None = None       # the checked-out branch, refs/heads/...
         self._worker: _PackWorker | None = None
@@ -132,10 +134,12 @@ class GitRepo:
         return (await self.commit_batches([(paths, message)]))[-1]
 
     async def commit_batches(self, batches: Sequence[tuple[Sequence[str], str]],
-                             known: Mapping[str, bytes] | None = None) -> list[str]:
+                             known: Mapping[str, bytes] | None = None,
+                             expected: Mapping[str, str] | None = None) -> list[str]:
         """One commit per (paths, message), in order, published together; HEAD after each.
         `known`: the bytes of some of those paths, as the caller has just written them (spares
-        reading them back)."""
+        reading them back). `expected`: the sha256 some paths must have when read (a path whose
+        bytes differ is refused: a stamp never names content that was not committed)."""
         if not batches or not all(paths for paths, _ in batches):
             raise ValueError("nothing to commit")
         if "GIT_DIR" not in self._env:
@@ -152,7 +156,7 @@ class GitRepo:
                     return [await self._commit_with_helper(paths) for paths, _ in batches]
                 finally:
                     os.close(lock_fd)
-            return await self._on_git_thread(self._commit_pack, gitdir, batches, known or {})
+            return await self._on_git_thread(self._commit_pack, gitdir, batches, known or {}, expected or {})
 
     async def _on_git_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
@@ -192,22 +196,26 @@ class GitRepo:
         return self._git("rev-parse", "--verify", "-q", f"{self._branch}^{{commit}}", absent_ok=True) or None
 
     def _commit_pack(self, gitdir: Path, batches: Sequence[tuple[Sequence[str], str]],
-                     known: Mapping[str, bytes]) -> list[str]:
+                     known: Mapping[str, bytes], expected: Mapping[str, str]) -> list[str]:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             setup = self._setup()  # refuses what we cannot write before anything is noted
-            request = [([(p, known.get(p)) for p in paths], message) for paths, message in batches]
+            request = [([(p, known.get(p), expected.get(p)) for p in paths], message) for paths, message in batches]
+            # The worker's watchdog grows with the bytes it must read: a large model is not
+            # killed mid-commit on every run.
+            self._read_s = _bytes_on_disk(self.root, [p for paths, _ in batches for p in paths if p not in known]) \
+                / self.min_bytes_per_s
             # The pack is built before git's index lock is taken: a user's `git add` waits for no
             # hashing or pack writing of ours, only for the few steps under the lock.
             tip = self._tip_now()
-            made, refused, entries = self._worker_now().commit(setup, tip, request)
+            made, refused, entries = self._worker_now().commit(setup, tip, request, self._read_s)
             with IndexLock(gitdir, self.timeout_s, self.warnings) as index:
                 for _attempt in range(3):
                     now = self._tip_now()
                     if now != tip:  # moved while we built: build again, under the lock (no git commit can move it now)
                         self._worker_now().forget()
                         tip = now
-                        made, refused, entries = self._worker_now().commit(setup, tip, request)
+                        made, refused, entries = self._worker_now().commit(setup, tip, request, self._read_s)
                     self.refused = refused
                     if not made:  # every file refused: the branch stays where it is ("" if not born yet)
                         return [tip or ""] * len(batches)
@@ -420,10 +428,13 @@ class _PackWorker:
             raise GitError(reply[1])
         return reply
 
-    def commit(self, setup: gitpack.Setup, tip: str | None, batches: list[tuple[list[tuple[str, bytes | None]], str]]
+    def commit(self, setup: gitpack.Setup, tip: str | None,
+               batches: list[tuple[list[tuple[str, bytes | None, str | None]], str]], read_s: float = 0.0
                ) -> tuple[list[str], dict[str, str], list[bytes]]:
-        """(commit ids, {path: why refused}, index entries of the paths committed)."""
-        _ok, made, refused, entries = self._call(("commit", setup, tip, batches), self.timeout_s * (1 + len(batches)))
+        """(commit ids, {path: why refused}, index entries of the paths committed). `read_s`: the
+        time reading the files may take, on top of the per-batch allowance."""
+        _ok, made, refused, entries = self._call(("commit", setup, tip, batches),
+                                                 self.timeout_s * (1 + len(batches)) + 2 * read_s)
         return made, refused, entries
 
     def forget(self) -> None:
@@ -553,6 +564,16 @@ class IndexLock:
             (self.gitdir / name).unlink(missing_ok=True)
         self.lock.unlink(missing_ok=True)  # the lock before its owner file: a lock never outlives the note naming it ours
         (self.gitdir / self.OWNER).unlink(missing_ok=True)
+
+
+def _bytes_on_disk(root: Path, rels: Sequence[str]) -> int:
+    total = 0
+    for rel in rels:
+        try:
+            total += os.lstat(root / rel).st_size
+        except (OSError, ValueError):
+            pass  # refused later, with its reason
+    return total
 
 
 def _shield_children() -> None:

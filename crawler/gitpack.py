@@ -33,7 +33,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,8 @@ DELTA_FROM = 4096      # folders at least this big are stored as deltas against 
 MAX_DEPTH = 50         # deltas on deltas, at most (git's own default)
 KEEP_LOADED = 64 << 10  # folders at least this big stay in memory between calls; smaller ones are read again
 BLOB_CHUNK = 1 << 20
-READ_WHOLE = 8 << 20   # files up to this size are read in one go; larger ones are read twice (hashed, then written)
+READ_WHOLE = 1 << 20   # files up to this size are read in one go; larger ones are read twice (hashed, then written)
+HOLD_MAX = 32 << 20    # bytes held in memory across one call, at most: files beyond are streamed from disk
 # Formats that are compressed already: zlib would spend CPU to gain nothing (`git gc` may still).
 _COMPRESSED = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"\x1f\x8b")
 
@@ -173,9 +174,14 @@ class Blob:
     source: Path | None = None
 
 
-def describe(root: Path, path: str, known: bytes | None = None) -> Blob:
+def describe(root: Path, path: str, known: bytes | None = None, expected_sha256: str | None = None,
+             hold: bool = True) -> Blob:
     """A file about to be committed: `known` is the bytes the caller itself just placed there
-    (spares reading them back); otherwise the file as it is now, which must be a regular file."""
+    (spares reading them back); otherwise the file as it is now, which must be a regular file.
+    With `expected_sha256`, the bytes read must have that sha256 (the content the row will be
+    stamped with): a file changed since it was checked is refused, never committed under a
+    stamp that does not describe it. Read whole only when small and `hold` (the caller bounds
+    what is held across a call); else streamed, hashed now and checked again as it is written."""
     if known is not None:
         oid = hashlib.sha1(b"blob %d\0" % len(known) + known).digest()
         return Blob(path, b"100644", oid, len(known), known)
@@ -185,17 +191,34 @@ def describe(root: Path, path: str, known: bytes | None = None) -> Blob:
         raise Refused(f"{path} is not a regular file; nothing was committed")
     mode = b"100755" if st.st_mode & 0o111 else b"100644"
     sha = hashlib.sha1(b"blob %d\0" % st.st_size)
-    if st.st_size <= READ_WHOLE:
+    content = hashlib.sha256() if expected_sha256 else None
+    if hold and st.st_size <= READ_WHOLE:
         with open(full, "rb") as fh:
             data = fh.read()
         if len(data) != st.st_size:
             raise Refused(f"{path} changed while being committed")
         sha.update(data)
+        if content is not None:
+            content.update(data)
+        _check_content(path, content, expected_sha256)
         return Blob(path, mode, sha.digest(), st.st_size, data)
+    seen = 0
     with open(full, "rb") as fh:
         while block := fh.read(BLOB_CHUNK):
             sha.update(block)
+            if content is not None:
+                content.update(block)
+            seen += len(block)
+    if seen != st.st_size:
+        raise Refused(f"{path} changed while being committed")
+    _check_content(path, content, expected_sha256)
     return Blob(path, mode, sha.digest(), st.st_size, None, full)
+
+
+def _check_content(path: str, content: Any, expected: str | None) -> None:
+    if content is not None and content.hexdigest() != (expected or "").lower():
+        raise Refused(f"{path} is not the content that was checked (sha256 {content.hexdigest()[:12]}…, "
+                      f"expected {(expected or '')[:12]}…): it changed since; nothing was committed for it")
 
 
 # -- pack encoding ----------------------------------------------------------------------------------
@@ -653,7 +676,7 @@ def _read_checked(blob: Blob) -> Iterator[bytes]:
 # were: the tree work is Python, and on a thread of the job it held the GIL the event loop needs
 # (the job got slower, not faster), and its folders' memory would count against the job's.
 # Requests and replies are pickles over stdin and stdout, one at a time:
-#   ("commit", setup, tip, [([(path, bytes or None), ...], message), ...])
+#   ("commit", setup, tip, [([(path, bytes or None, sha256 to check or None), ...], message), ...])
 #       → ("ok", commit ids, {path: why refused}, [index entry of each path committed])
 #   ("forget",) → ("ok",)
 # A failure replies ("error", one line); the worker keeps serving.
@@ -661,17 +684,24 @@ Setup = tuple[str, str, dict[str, str], float, bytes]  # root, objects dir, git 
 
 
 def work(packer: PackCommitter, tip: str | None,
-         batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]) -> tuple[list[str], dict[str, str], list[bytes]]:
-    """Describe the files (every one looked at before anything is written), then commit them."""
+         batches: Sequence[tuple[Sequence[tuple[str, bytes | None, str | None]], str]]
+         ) -> tuple[list[str], dict[str, str], list[bytes]]:
+    """Describe the files (every one looked at before anything is written), then commit them.
+    What is held in memory until the pack is written stays under HOLD_MAX, however many large
+    files one call brings."""
     refused: dict[str, str] = {}
     described: list[tuple[list[Blob], str]] = []
+    held = 0
     for paths, message in batches:
         blobs = []
-        for path, known in paths:
+        for path, known, expected in paths:
             try:
-                blobs.append(describe(packer.root, path, known))
+                blob = describe(packer.root, path, known, expected, hold=held < HOLD_MAX)
             except (Refused, OSError, ValueError) as exc:  # ValueError: a NUL in the path
                 refused[path] = str(exc)
+                continue
+            held += len(blob.data) if blob.data is not None else 0
+            blobs.append(blob)
         described.append((blobs, message))
     if not any(blobs for blobs, _ in described):
         return [], refused, []
@@ -686,7 +716,8 @@ class _Worker:
     def __init__(self) -> None:
         self.packer: PackCommitter | None = None
 
-    def commit(self, setup: Setup, tip: str | None, batches: Sequence[tuple[Sequence[tuple[str, bytes | None]], str]]
+    def commit(self, setup: Setup, tip: str | None,
+               batches: Sequence[tuple[Sequence[tuple[str, bytes | None, str | None]], str]]
                ) -> tuple[list[str], dict[str, str], list[bytes]]:
         if self.packer is not None and not self.packer.alive():
             self.packer.close()  # its object reader died (killed, out of memory)

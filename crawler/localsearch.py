@@ -128,10 +128,19 @@ async def hash_candidate(c: Candidate, history: History, chunk: int = 1 << 20) -
     c.sha256 = h.hexdigest()
 
 
-async def copy_candidate(c: Candidate, history: History, temp: Path) -> None:
-    """Write the candidate's bytes to `temp` (the caller then renames it into place)."""
+async def copy_candidate(c: Candidate, history: History, temp: Path) -> str:
+    """Write the candidate's bytes to `temp` (the caller then renames it into place); the sha256
+    of the bytes written, for the caller to hold against the one it decided on (a worktree file
+    may have changed since it was hashed)."""
     if isinstance(c.handle, Path):
-        await files.copy(c.handle, temp)
-        return
+        sha, _ = await files.copy_hashing(c.handle, temp)
+        return sha
+    h = hashlib.sha256()
+
+    def both(block: bytes) -> None:
+        h.update(block)
+        out.write(block)
+
     with open(temp, "wb") as out:
-        await history.read_blob(str(c.handle), out.write)
+        await history.read_blob(str(c.handle), both)
+    return h.hexdigest()

@@ -117,7 +117,7 @@ def member_type(info: tarfile.TarInfo) -> str:
 
 
 async def scan(chunks: AsyncIterator[bytes], wanted: Callable[[str, int], bool], staging: Path, *,
-               max_member_bytes: int, max_members: int,
+               max_member_bytes: int, max_members: int, max_staging_bytes: int | None = None,
                on_member: Callable[[MemberRecord], None] | None = None,
                queue_chunks: int = 8, copy_bytes: int = 1 << 20,
                inflate_bytes: int = 8 << 20) -> ScanResult:
@@ -126,7 +126,9 @@ async def scan(chunks: AsyncIterator[bytes], wanted: Callable[[str, int], bool],
     `wanted` is called from the worker thread and must be a pure predicate. `staging` is
     created if missing; extracted files are named `{index:08d}-{sha256(path)[:12]}.bin`.
     `queue_chunks` bounds the chunks read ahead of the parser, `copy_bytes` the piece of a
-    member held at once, `inflate_bytes` the decompressed data held at once.
+    member held at once, `inflate_bytes` the decompressed data held at once. `max_staging_bytes`
+    bounds what one scan extracts in all: a wanted member that would pass it is skipped, with
+    that reason.
     See the module docstring for the rules and for what is raised rather than reported.
     """
     for name, value in (("queue_chunks", queue_chunks), ("copy_bytes", copy_bytes),
@@ -157,7 +159,8 @@ async def scan(chunks: AsyncIterator[bytes], wanted: Callable[[str, int], bool],
 
     feed = _Feed(loop, queue, abort)
     job = _Job(feed, wanted, staging, post, max_member_bytes=max_member_bytes,
-               max_members=max_members, copy_bytes=copy_bytes, inflate_bytes=inflate_bytes)
+               max_members=max_members, copy_bytes=copy_bytes, inflate_bytes=inflate_bytes,
+               max_staging_bytes=max_staging_bytes)
     pump = asyncio.create_task(_pump(chunks, queue))
     worker = asyncio.ensure_future(asyncio.to_thread(job.run))
     try:
@@ -369,7 +372,7 @@ class _Job:
 
     def __init__(self, feed: _Feed, wanted: Callable[[str, int], bool], staging: Path,
                  post: Callable[[MemberRecord], None], *, max_member_bytes: int, max_members: int,
-                 copy_bytes: int, inflate_bytes: int) -> None:
+                 copy_bytes: int, inflate_bytes: int, max_staging_bytes: int | None = None) -> None:
         self.feed = feed
         self.wanted = wanted
         self.staging = staging
@@ -378,6 +381,8 @@ class _Job:
         self.max_members = max_members
         self.copy_bytes = copy_bytes
         self.inflate_bytes = inflate_bytes
+        self.max_staging_bytes = max_staging_bytes
+        self.staged = 0  # bytes extracted into staging by this scan (a replaced copy no longer counts)
         self.result = ScanResult()
 
     def run(self) -> ScanResult:
@@ -472,6 +477,9 @@ class _Job:
             return ""
         if info.size > self.max_member_bytes:
             return f"size {info.size} over max_member_bytes ({self.max_member_bytes})"
+        if self.max_staging_bytes is not None and self.staged + info.size > self.max_staging_bytes:
+            return (f"staging full: {info.size} more bytes would pass recovery.staging_max_bytes "
+                    f"({self.max_staging_bytes}; {self.staged} staged)")
         return None
 
     def _member(self, tf: tarfile.TarFile, index: int, info: tarfile.TarInfo) -> None:
@@ -493,7 +501,9 @@ class _Job:
             previous = self.result.extracted.pop(norm, None)
             if previous is not None:  # a later copy of the same path wins, as with tar
                 previous.staging_path.unlink(missing_ok=True)
+                self.staged -= previous.size
             self.result.extracted[norm] = record.extracted
+            self.staged += record.extracted.size
         self.post(record)
 
     def _extract(self, tf: tarfile.TarFile, index: int, info: tarfile.TarInfo, norm: str) -> Extracted:

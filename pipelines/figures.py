@@ -86,7 +86,7 @@ class FigureJob:
                                on_resume=self._on_resume, max_wait_s=self.http["max_wait_s"])
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
-                            cfg["artifacts"]["split_index"])
+                            cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
                          outage_max_s=cfg["db"]["outage_max_s"], on_outage_over=self._give_up)
         self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],

@@ -39,6 +39,10 @@ log = structlog.get_logger()
 STATUSES = ("bound", "needs_review", "unrecoverable", "missing")
 
 
+class ChangedWhileBinding(OSError):
+    """A candidate's bytes differ from the ones hashed when it was chosen."""
+
+
 @dataclass
 class RecoverOptions:
     plan: bool = False
@@ -67,7 +71,7 @@ class RecoverJob:
         self.checkout = Path(rec["checkout"])
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
-                            cfg["artifacts"]["split_index"])
+                            cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
         self.history = History(GitRepo(self.checkout, cfg["artifacts"]["git_timeout_s"], "", ""))
         self.folder = Path(cfg["report"]["dir"]) / run_id
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
@@ -276,8 +280,17 @@ class RecoverJob:
         if not (target.is_file() and target.resolve() == Path(str(c.handle)).resolve()):
             temp = files.TempFile(target.parent, paths.safe_segment(rid))
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-            await localsearch.copy_candidate(c, self.history, temp.path)
-            await files.place(temp.path, target)
+            try:
+                copied = await localsearch.copy_candidate(c, self.history, temp.path)
+                if copied != c.sha256:
+                    # The source changed after it was hashed: what was decided on is not what
+                    # would be bound. Nothing is placed; a human (or the next run) looks again.
+                    raise ChangedWhileBinding(f"{c.ref} changed since it was hashed (sha256 {copied[:12]}… "
+                                              f"instead of {str(c.sha256)[:12]}…); not bound")
+                await files.place(temp.path, target)
+            except BaseException:
+                await asyncio.to_thread(temp.path.unlink, True)
+                raise
         await self.committer.add(PlacedFile(rid, rel, c.sha256 or "", c.size, "", utcnow(), c.where,
                                       {"confidence": d.confidence, "approved": d.reason == "approved by an operator"}))
 

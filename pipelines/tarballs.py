@@ -110,7 +110,8 @@ async def _scan(db: Database, store: Any, tarscan: Any, bucket: str, obj: Any, u
         _flushing(store.stream(bucket, obj.key, rec["chunk_bytes"], etag=obj.etag, resumes=rec["stream_resumes"]),
                   pending, db, progress),
         wanted, staging,
-        max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"], on_member=on_member)
+        max_member_bytes=rec["max_member_bytes"], max_members=rec["max_members"],
+        max_staging_bytes=rec["staging_max_bytes"], on_member=on_member)
     await db.manifest_add_members(pending)
     pending.clear()
     searched.pop("reading", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 from crawler.committer import Committer, PlacedFile
@@ -21,17 +22,18 @@ class GatedRepo(GitRepo):
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def commit_batches(self, batches, known=None):  # type: ignore[no-untyped-def]
+    async def commit_batches(self, batches, known=None, expected=None):  # type: ignore[no-untyped-def]
         self.entered.set()
         await self.gate.wait()
-        return await super().commit_batches(batches, known)
+        return await super().commit_batches(batches, known, expected)
 
 
 def placed(repo: Path, n: int) -> PlacedFile:
     rel = f"figures/f{n}.png"
     (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-    (repo / rel).write_bytes(b"\x89PNG" + bytes([n]))
-    return PlacedFile(f"fig-{n}", rel, "0" * 64, 5, "image/png", utcnow(), f"http://x/{n}")
+    body = b"\x89PNG" + bytes([n])
+    (repo / rel).write_bytes(body)
+    return PlacedFile(f"fig-{n}", rel, hashlib.sha256(body).hexdigest(), 5, "image/png", utcnow(), f"http://x/{n}")
 
 
 def stamp(p: PlacedFile, commit: str):  # type: ignore[no-untyped-def]
@@ -138,3 +140,23 @@ async def test_a_file_gone_before_its_commit_is_not_stamped_and_its_batch_mates_
         await db.close()
     assert stamped == {"fig-0", "fig-2"}
     assert committer.failed_ids == {"fig-1"} and committer.committed_files == 2
+
+
+async def test_a_file_changed_on_disk_before_its_commit_is_not_committed_under_the_old_stamp(dsn, repo):
+    """The bytes committed are the bytes whose sha256 the row is stamped with: a file rewritten
+    between placing and committing is left out and its row left unstamped."""
+    db = await open_db(dsn)
+    try:
+        sink = Sink(db, "run-x", flush_rows=10, flush_interval_s=60)
+        committer = Committer(GitRepo(repo, 60, "crawler", "c@c"), sink, batch=3, interval_s=3600, run_id="run-x",
+                              stamp=stamp, max_pending=10)
+        keep, changed = placed(repo, 1), placed(repo, 2)
+        (repo / changed.rel_path).write_bytes(b"\x89PNG rewritten by someone")
+        await committer.add(keep)
+        await committer.add(changed)
+        await committer.commit_pending(everything=True)
+        await committer.close()
+        assert committer.failed_ids == {"fig-2"}
+        assert git(repo, "ls-files").split() == ["figures/f1.png"]
+    finally:
+        await db.close()

@@ -431,3 +431,32 @@ async def test_a_branch_with_no_commit_yet_and_nothing_committable_fails_nothing
     await ours.commit_batches([(["gone.png"], "one")])
     assert set(ours.refused) == {"gone.png"}
     await ours.close()
+
+
+async def test_large_files_are_streamed_with_bounded_memory_and_a_watchdog_that_grows_with_them(repo, monkeypatch):
+    """160 files of 1 MiB in one call: the commit worker holds at most gitpack.HOLD_MAX of them
+    (the rest stream from disk), and the call's watchdog allows for reading every byte."""
+    from crawler import git as git_module
+    from crawler.gitpack import HOLD_MAX
+    timeouts: list[float] = []
+    real_call = git_module._PackWorker._call
+
+    def spy(self, request, timeout_s):
+        timeouts.append(timeout_s)
+        return real_call(self, request, timeout_s)
+
+    monkeypatch.setattr(git_module._PackWorker, "_call", spy)
+    names = []
+    for i in range(160):
+        name = f"models/m{i:03}.bin"
+        (repo / name).parent.mkdir(exist_ok=True)
+        (repo / name).write_bytes(bytes([i]) * (1 << 20))
+        names.append(name)
+    ours = GitRepo(repo, 5, "crawler", "c@c", min_bytes_per_s=1 << 20)
+    await ours.commit_batches([(names[:80], "one"), (names[80:], "two")])
+    with open(f"/proc/{ours._worker.proc.pid}/status") as fh:
+        peak_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    await ours.close()
+    assert git(repo, "cat-file", "-s", "HEAD:models/m159.bin") == str(1 << 20)
+    assert peak_kb * 1024 < (HOLD_MAX + (60 << 20)), f"worker peak {peak_kb} kB: files were held, not streamed"
+    assert timeouts[0] >= 5 * 3 + 2 * 160  # per-batch allowance + reading 160 MiB twice at 1 MiB/s

@@ -62,7 +62,7 @@ async def test_trees_are_the_ones_git_makes_and_the_repository_is_sound(repo, tm
                 data = b"\x89PNG new %d" % i if i % 2 else b"text %d" % i
                 (repo / path).parent.mkdir(parents=True, exist_ok=True)
                 (repo / path).write_bytes(data)
-                paths.append((path, data if call % 2 else None))
+                paths.append((path, data if call % 2 else None, None))
                 known[path] = data
             batches.append((paths, f"call {call} batch {b}"))
         tip = git(repo, "rev-parse", "HEAD")
@@ -187,7 +187,7 @@ def apply_delta(base: bytes, delta: bytes) -> bytes:
 def test_a_file_and_a_folder_of_one_name_in_one_call_refuse_the_later(repo, order):
     packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
     tip = git(repo, "rev-parse", "HEAD")
-    made, refused, _entries = gitpack.work(packer, tip, [([(p, b"data") for p in order], "one")])
+    made, refused, _entries = gitpack.work(packer, tip, [([(p, b"data", None) for p in order], "one")])
     packer.close()
     assert set(refused) == {order[1]}
     git(repo, "update-ref", "refs/heads/main", made[-1], tip)
@@ -200,7 +200,7 @@ def test_a_path_git_cannot_hold_is_refused_and_the_rest_go_ahead(repo):
     tip = git(repo, "rev-parse", "HEAD")
     paths = [("nul\0byte.png", b"1"), ("nul\0read.png", None), ("x/../y.png", b"2"), (".git/config", b"3"),
              ("fine.png", b"4")]
-    made, refused, _entries = gitpack.work(packer, tip, [(paths, "one")])
+    made, refused, _entries = gitpack.work(packer, tip, [([(p, d, None) for p, d in paths], "one")])
     packer.close()
     assert set(refused) == {p for p, _ in paths} - {"fine.png"}
     assert git(repo, "show", "--name-only", "--format=", made[-1]) == "fine.png"

@@ -173,3 +173,26 @@ async def test_a_recorded_path_outside_the_root_is_not_the_rows_file(dsn, repo, 
     assert got["o-abs"]["file_path"] == "datasets/a.csv"
     assert got["o-link"]["file_path"] == "datasets/b.csv"
     assert got["o-abs"]["metadata"]["file_bind_confidence"] == "high"
+
+
+async def test_a_worktree_file_changed_after_it_was_hashed_is_not_bound(dsn, repo, tmp_path, monkeypatch):
+    """The row records a sha256; the worktree file had it when hashed, then someone rewrote it:
+    nothing is placed or bound (the bytes bound are the bytes checked), the row is for review."""
+    from pipelines.recover import RecoverJob
+    wt = tmp_path / "wt" / "wt-1" / "data" / "scidex-artifacts"
+    put(wt, "datasets/moving.csv", UNIQUE)
+    await insert_artifacts(dsn, [("m-1", "dataset", {"filename": "moving.csv", "file_sha256": sha(UNIQUE)}, None)])
+    real = RecoverJob._hash
+
+    async def hash_then_rewrite(self, candidates):
+        await real(self, candidates)
+        (wt / "datasets" / "moving.csv").write_bytes(b"x,y\n9,9\n")  # after hashing, before binding
+
+    monkeypatch.setattr(RecoverJob, "_hash", hash_then_rewrite)
+    status, summary = await run_recover(recover_config(dsn, repo, tmp_path))
+    got = await rows_by_id(dsn)
+    assert got["m-1"]["file_path"] is None and "file_bound_at" not in got["m-1"]["metadata"]
+    assert not (repo / "datasets" / "moving.csv").exists()
+    assert not list(repo.rglob("*.part"))
+    assert status == 3 and any(u["what"] == "bind" and "changed since it was hashed" in u["why"]
+                               for u in summary["unrecorded"])

@@ -415,3 +415,14 @@ async def test_source_failure_propagates(tmp_path: Path) -> None:
     assert source.closed
     # a.csv and b.csv were complete before the failure; c.bin, cut off by it, was discarded.
     assert len(staged(tmp_path / "s")) == 2
+
+
+async def test_staging_has_a_size_limit(tmp_path: Path) -> None:
+    """A scan extracts at most max_staging_bytes in all: the member that would pass it is
+    skipped with that reason, and later smaller ones still fit."""
+    data = make_tar([member("a.csv", b"a" * 600), member("b.csv", b"b" * 600), member("c.csv", b"c" * 300)])
+    result, records = await run(data, tmp_path / "staging", max_staging_bytes=1000)
+    assert set(result.extracted) == {"a.csv", "c.csv"}
+    [skipped] = [r for r in records if r.skipped]
+    assert skipped.path == "b.csv" and "staging full" in skipped.skipped
+    assert sum(p.stat().st_size for p in (tmp_path / "staging").iterdir()) == 900
