@@ -49,6 +49,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{m['large']['peak_rss_mb']:.0f} / {m['small']['peak_rss_mb']:.0f} MB "
                                 f"= {m['rss_ratio']:.2f} x ({m['large']['attempted']:,} vs {m['small']['attempted']:,} rows fetched)",
                     "met": m["rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
+        out.append({"name": "flat memory, children included", "target": "peak RSS of the job and its children, large <= 1.2 x small",
+                    "measured": f"{m['large']['peak_tree_rss_mb']:.0f} / {m['small']['peak_tree_rss_mb']:.0f} MB "
+                                f"= {m['tree_rss_ratio']:.2f} x ({m['large']['attempted']:,} vs {m['small']['attempted']:,} rows fetched)",
+                    "met": m["tree_rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
     if "polite" in s:
         p = s["polite"]
         out.append({"name": "polite makespan", "target": "makespan / physical minimum <= 1.02",
@@ -99,8 +103,9 @@ def notes(results: dict[str, Any]) -> list[str]:
         picks = curve[:: max(1, len(curve) // 6)]
         if picks[-1] is not curve[-1]:
             picks.append(curve[-1])
-        out.append("memory large, RSS as the rows went by (rows fetched: RSS / peak MB): "
-                   + ", ".join(f"{int(r):,}: {rss:.0f} / {peak:.0f}" for r, rss, peak in picks))
+        out.append("memory large, RSS as the rows went by (rows fetched: RSS / peak / peak with children MB): "
+                   + ", ".join(f"{int(p[0]):,}: {p[1]:.0f} / {p[2]:.0f} / {p[3] if len(p) > 3 else 0:.0f}"
+                               for p in picks))
     if "polite" in s:
         p = s["polite"]
         out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "

@@ -172,6 +172,30 @@ def watch(pid: int) -> dict[str, float] | None:
             "cpu_self_sys_s": int(stat[12]) / tick, "cpu_children_s": (int(stat[13]) + int(stat[14])) / tick}
 
 
+def tree_rss_kb(root_pid: int) -> int:
+    """RSS of a process and every process below it (the commit worker, its `git cat-file`, git
+    commands), summed: the job's whole footprint. Its children run in sessions of their own, so
+    this follows parent links rather than a process group."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        parents[int(entry)] = int(stat[1])
+        rss[int(entry)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    return total
+
+
 def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: float, reports: Path | None,
                  label: str) -> tuple[dict[str, Any], float, bool]:
     """Run `python -m bench.measured STATS cmd...`; SIGTERM it at the deadline (it drains and exits).
@@ -188,9 +212,14 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
         stopped = False
         seen: dict[str, float] | None = None
         curve: list[list[float]] = []
+        tree_peak = 0
+        next_tree = started
         while proc.poll() is None:
             seen = watch(proc.pid) or seen
             now = time.monotonic()
+            if now >= next_tree:  # the whole tree twice a second: reading all of /proc costs
+                tree_peak = max(tree_peak, tree_rss_kb(proc.pid))
+                next_tree = now + 0.5
             if now >= deadline and not stopped:
                 print(f"  {label}: deadline of {timeout_s:.0f} s reached, stopping it (SIGTERM)", flush=True)
                 proc.send_signal(signal.SIGTERM)
@@ -202,8 +231,9 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
                 p = last_progress(reports)
                 said = f"{p['done']:,}/{p['planned']:,} rows fetched, {p['commit_pending']:,} waiting for a commit" if p else "starting"
                 if p and seen:
-                    curve.append([p["done"], round(seen["rss_kb"] / 1024, 1), round(seen["peak_rss_kb"] / 1024, 1)])
-                    said += f", RSS {seen['rss_kb'] / 1024:.0f} MB"
+                    curve.append([p["done"], round(seen["rss_kb"] / 1024, 1), round(seen["peak_rss_kb"] / 1024, 1),
+                                  round(tree_peak / 1024, 1)])
+                    said += f", RSS {seen['rss_kb'] / 1024:.0f} MB (with children, peak {tree_peak / 1024:.0f} MB)"
                 print(f"  {label}: {now - started:.0f} s, {said}", flush=True)
                 next_note = now + 30
             time.sleep(0.05)
@@ -211,8 +241,8 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
     if not stats_file.exists():  # killed after the deadline's grace: the last look from outside
         print(f"  {label}: killed; its figures are the last ones read from /proc; see {log_file}", flush=True)
         last = seen or {"peak_rss_kb": 0, "cpu_self_s": 0.0, "cpu_self_sys_s": 0.0, "cpu_children_s": 0.0}
-        return {"exit": proc.returncode, **last, "rss_curve": curve}, wall, stopped
-    return {**json.loads(stats_file.read_text()), "rss_curve": curve}, wall, stopped
+        return {"exit": proc.returncode, **last, "rss_curve": curve, "peak_tree_rss_kb": tree_peak}, wall, stopped
+    return {**json.loads(stats_file.read_text()), "rss_curve": curve, "peak_tree_rss_kb": tree_peak}, wall, stopped
 
 
 def phases(reports: Path) -> dict[str, float | None]:
@@ -301,6 +331,7 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         "cpu_children_s": stats["cpu_children_s"],
         "cpu_simulator_s": sim_stats["cpu_s"], "cpu_postgres_s": round(pg_cpu, 1), "cpu_machine_s": round(busy, 1),
         "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "rss_curve": stats.get("rss_curve", []),
+        "peak_tree_rss_mb": round(stats.get("peak_tree_rss_kb", 0) / 1024, 1),
         "outcomes": {k: summary.get(k, 0) for k in ("fetched", "hard_404", "transient", "failed")},
         "requests_at_simulator": sim_stats["requests"], "verified": verified, "simulator": sim_stats,
     }
@@ -472,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                                "large": lifted_job(admin_dsn, "memory-large", large, settings)}
         m = scenarios["memory"]
         m["rss_ratio"] = round(m["large"]["peak_rss_mb"] / m["small"]["peak_rss_mb"], 3)
+        m["tree_rss_ratio"] = round(m["large"]["peak_tree_rss_mb"] / m["small"]["peak_tree_rss_mb"], 3)
     if "polite" in chosen:
         print("polite: shipped budgets, mixed 404s and images", flush=True)
         scenarios["polite"] = polite_job(admin_dsn, sizes.polite_scale, settings)

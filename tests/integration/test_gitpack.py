@@ -225,3 +225,21 @@ async def test_a_relative_root_and_python_files_in_it_are_harmless(repo, monkeyp
     (made,) = await ours.commit_batches([(["a.png"], "one")], {"a.png": b"a"})
     await ours.close()
     assert git(repo, "show", "--name-only", "--format=", made) == "a.png"
+
+
+def test_the_object_reader_is_started_afresh_as_packs_pile_up(repo, monkeypatch):
+    """One pack per call: the reader (which maps every pack it reads) is replaced every
+    RECYCLE_READER_PACKS packs, and committing goes on unchanged across the change."""
+    monkeypatch.setattr(gitpack, "RECYCLE_READER_PACKS", 3)
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    readers = set()
+    for i in range(7):
+        tip = git(repo, "rev-parse", "HEAD")
+        made, refused, _ = gitpack.work(packer, tip, [([(f"d/f{i}.png", b"%d" % i, None)], f"c{i}")])
+        assert refused == {}
+        git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+        readers.add(packer._reader.proc.pid)
+    packer.close()
+    assert len(readers) == 3  # started afresh after the 3rd and the 6th pack
+    assert git(repo, "ls-tree", "--name-only", "HEAD:d").split() == [f"f{i}.png" for i in range(7)]
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
