@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseError as exc:
         return fail(str(exc), engine.EXIT_FAILED)
     except Exception as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.filename is not None:
+            return fail(f"{exc.strerror or exc}: {exc.filename}", engine.EXIT_FAILED)  # a file of ours, not the database
         if is_connection_error(exc):
             return fail(f"the database went away: {type(exc).__name__}: {exc}", engine.EXIT_FAILED)
         raise

@@ -146,7 +146,7 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
     for section, key in [("http", "max_redirects"), ("http", "max_retries"), ("run", "drain_timeout_s"),
                          ("db", "statement_timeout_s"), ("db", "lock_timeout_s"), ("db", "idle_in_transaction_timeout_s"),
                          ("db", "outage_max_s"), ("recovery", "stream_resumes"), ("recovery", "staging_max_bytes"),
-                         ("http", "head_404_confirm"),
+                         ("http", "head_404_confirm"), ("http", "head_404_recheck_every"),
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:
             raise bad(f"{section}.{key}", f"must not be negative, got {tree[section][key]!r}")
@@ -165,6 +165,8 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
     for src, dst in tree["http"]["connect_to"].items():
         if not isinstance(dst, str) or not _HOSTPORT.match(src) or not _HOSTPORT.match(dst):
             raise bad(f"http.connect_to.{src!r}", f"must map 'host:port' to 'addr:port', got {dst!r}")
+    if tree["http"]["ca_file"] and not Path(tree["http"]["ca_file"]).is_file():
+        raise bad("http.ca_file", f"names no readable file: {tree['http']['ca_file']!r}")
     prefix = tree["recovery"]["s3_prefix"]
     if prefix and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/", prefix):
         raise bad("recovery.s3_prefix", f"must look like s3://bucket/prefix/ (or be empty), got {prefix!r}")

@@ -66,7 +66,10 @@ class Change:
 
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` says the database could not be reached or went away (a restart, a network
-    cut, a shutdown), as opposed to refusing what was sent: the write is kept and sent again."""
+    cut, a shutdown), as opposed to refusing what was sent: the write is kept and sent again.
+    A statement the server cancelled (statement_timeout) is not an outage."""
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return False
     return isinstance(exc, (
         OSError, TimeoutError, asyncpg.exceptions.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
         asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,

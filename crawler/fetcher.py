@@ -137,6 +137,8 @@ class HeadTrust:
 
     confirmed: int = 0     # HEAD 404s a GET agreed with
     lying: bool = False    # a GET served what its HEAD called gone
+    seen: int = 0          # HEAD 404s from this host: every `head_404_recheck_every`-th is confirmed
+                           # too, so a host that starts lying mid-run (one node of several) is caught
 
 
 class Fetcher:
@@ -200,7 +202,9 @@ class Fetcher:
         if resp.status in HARD_404:
             host = url.host or ""
             trust = self._trust(host)
-            if trust.lying or trust.confirmed < self.http["head_404_confirm"]:
+            trust.seen += 1
+            every = self.http["head_404_recheck_every"]
+            if trust.lying or trust.confirmed < self.http["head_404_confirm"] or (every and trust.seen % every == 0):
                 return url, host
         raise _Done(self._classify(resp, url))
 
@@ -239,8 +243,13 @@ class Fetcher:
                 raise _Done(FetchResult("transient", str(url), "truncated", 200))
             await temp.close()
             # A body that ends early with no length to check it by (HTTP/1.0, or `Connection:
-            # close` without Content-Length) looks complete to HTTP: the format's end says.
-            if not await self._complete(temp, ext, head, tail):
+            # close` without Content-Length) looks complete to HTTP: the format's end says. A
+            # framed body (Content-Length, which is checked above, or chunked, whose end aiohttp
+            # checks) is what the server holds: an image with bytes after its end marker (some
+            # writers append data) is stored, not refetched as `truncated` on every run.
+            framed = (resp.content_length is not None
+                      or "chunked" in resp.headers.get("Transfer-Encoding", "").lower())
+            if not framed and not await self._complete(temp, ext, head, tail):
                 raise _Done(FetchResult("transient", str(url), "truncated", 200))
         except BaseException:
             await temp.discard()

@@ -229,12 +229,19 @@ class GitRepo:
                         try:
                             self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
                         except GitError:
-                            index.restore()
-                            self._worker_now().forget()
-                            if self._tip_now() != tip:
-                                continue  # moved by something that takes no index lock (update-ref, a push)
-                            raise  # not moved: the ref cannot be written (a stale lock, a full disk)
+                            now = self._tip_now()
+                            if now != made[-1]:  # (update-ref may fail after moving it: then it moved)
+                                index.restore()
+                                self._worker_now().forget()
+                                if now != tip:
+                                    continue  # moved by something that takes no index lock (update-ref, a push)
+                                raise  # not moved: the ref cannot be written (a stale lock, a full disk)
                     index.done()
+                    # Only now, with the index published and the branch moved, is the older
+                    # version's intent log repaired for good.
+                    if self._legacy_done is not None:
+                        self._legacy_done.unlink(missing_ok=True)
+                        self._legacy_done = None
                     return made
             raise GitError("the branch kept moving while committing; try again")
         finally:
@@ -245,6 +252,7 @@ class GitRepo:
         earlier version of this tool committed without teaching the index (its intent log)."""
         out = b"".join(e + b"\0" for e in entries)
         assert self._git_dir is not None
+        self._legacy_done = None
         intent = self._git_dir / LEGACY_UNSYNCED
         if intent.exists():
             wanted = sorted({p for p in intent.read_bytes().split(b"\0") if p})
@@ -267,9 +275,6 @@ class GitRepo:
         env = {**self._env, "GIT_INDEX_FILE": str(index_file)}
         self._git_bytes(*config, *args, "--index-info", stdin=stdin, env=env)  # --index-info must come last
         self.index_s += time.monotonic() - t0
-        if self._legacy_done is not None:
-            self._legacy_done.unlink(missing_ok=True)
-            self._legacy_done = None
 
     def _split_unset(self) -> bool:
         """Whether the repository leaves core.splitIndex unset (an operator's own setting wins)."""
@@ -483,31 +488,41 @@ class IndexLock:
         # The lock is made as a file of our own first and linked into place (link, like O_EXCL,
         # fails if the name exists): the owner note names its inode before the lock exists, so
         # no moment leaves a lock of ours that a later run could not tell from someone else's.
-        previous = self._owner_note()  # a killed run's, if it left its lock: read before ours replaces it
+        note_path = self.gitdir / self.OWNER
+        previous = note_path.read_bytes() if note_path.exists() else None  # a killed run's, if it left its lock
+        stale = self._owner_note()
         own = self.gitdir / f"crawler-indexlock-{os.getpid()}"
         own.unlink(missing_ok=True)
         own.write_bytes(b"")
         st = os.stat(own)  # a later file may reuse the inode, never with the same change time too
-        _write_replace(self.gitdir / self.OWNER, f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n".encode())
+        _write_replace(note_path, f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n".encode())
         deadline = time.monotonic() + self.timeout_s
+        locked = False
         try:
             while True:
                 try:
                     os.link(own, self.lock)
+                    locked = True
                     break
                 except FileExistsError:
-                    if previous is not None and self._remove_if_stale(previous):
-                        previous = None
+                    if stale is not None and self._remove_if_stale(stale):
+                        stale = None
                         continue
                     if time.monotonic() >= deadline:
                         raise GitError(f"git's {self.lock} has been held for over {self.timeout_s:.0f} s (a git command "
                                        "still running, or one that crashed: remove the file if no git runs); "
                                        "nothing was committed") from None
                     time.sleep(0.02)
+            for leftover in (self.NEXT, self.NEXT + ".lock", self.PREV):  # a killed run's, under the lock now
+                (self.gitdir / leftover).unlink(missing_ok=True)
+        except BaseException:
+            if locked:
+                self._release()
+            elif previous is not None and stale is not None:
+                _write_replace(note_path, previous)  # the evidence of a killed run's lock is kept for the next try
+            raise
         finally:
             own.unlink(missing_ok=True)
-        for leftover in (self.NEXT, self.NEXT + ".lock", self.PREV):  # a killed run's, under the lock now
-            (self.gitdir / leftover).unlink(missing_ok=True)
         return self
 
     def _owner_note(self) -> tuple[str, int, int] | None:
@@ -518,13 +533,15 @@ class IndexLock:
             return None
 
     def _remove_if_stale(self, note: tuple[str, int, int]) -> bool:
-        """Remove the lock if it is the very file a run of ours, now dead, made."""
+        """Remove the lock if it is the very file a run of ours made. That run is gone: every
+        holder of our index lock holds the commit flock, which we hold now (so no check of its
+        process id, which a container may give the next run too)."""
         pid, inode, mtime = note
         try:
             st = os.stat(self.lock)
         except OSError:
             return False
-        if _alive(pid) or (st.st_ino, st.st_mtime_ns) != (inode, mtime):
+        if (st.st_ino, st.st_mtime_ns) != (inode, mtime):
             return False
         self.lock.unlink(missing_ok=True)
         self.warnings.append(f"removed {self.lock}, left by a run of ours that was killed (process {pid})")
@@ -558,12 +575,19 @@ class IndexLock:
         self._staged = False
 
     def __exit__(self, *exc: object) -> None:
-        if self._staged:  # left mid-way by an error: the branch did not move
-            self.restore()
-        for name in (self.NEXT, self.PREV):
-            (self.gitdir / name).unlink(missing_ok=True)
-        self.lock.unlink(missing_ok=True)  # the lock before its owner file: a lock never outlives the note naming it ours
-        (self.gitdir / self.OWNER).unlink(missing_ok=True)
+        try:
+            if self._staged:  # left mid-way by an error: the branch did not move
+                self.restore()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            for name in (self.NEXT, self.PREV):
+                (self.gitdir / name).unlink(missing_ok=True)
+        finally:
+            self.lock.unlink(missing_ok=True)  # the lock before its owner note: a lock never outlives the note naming it ours
+            (self.gitdir / self.OWNER).unlink(missing_ok=True)
 
 
 def _bytes_on_disk(root: Path, rels: Sequence[str]) -> int:

@@ -70,10 +70,13 @@ class _Fanout:
                 self._flushed = now
             self.dropped = 0
         except OSError as exc:
-            if not self.dropped:
-                sys.stderr.write(f"crawler: the log file cannot be written ({exc.strerror or exc}); "
-                                 "its lines are dropped until it can\n")
             self.dropped += 1
+            if self.dropped == 1:
+                try:
+                    sys.stderr.write(f"crawler: the log file cannot be written ({exc.strerror or exc}); "
+                                     "its lines are dropped until it can\n")
+                except (OSError, ValueError):
+                    pass  # stderr on the same full disk: nothing more to say
             self._failed_at = now  # what the file's buffer still holds goes out with a later flush
 
 

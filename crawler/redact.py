@@ -35,6 +35,11 @@ def url(text: object, bare_user_is_secret: bool = True) -> str:
         return scrub(raw)
     if not parts.scheme or not parts.netloc:
         return scrub(raw)
+    rest = raw.partition("://")[2]
+    if "@" not in parts.netloc and "@" in rest:
+        # A password holding an unencoded / ? or # ends the authority early for every parser,
+        # so its tail reads as a path: mask up to the last @ (too much, at worst; never too little).
+        return f"{raw.partition('://')[0]}://{MASK}@{rest.rpartition('@')[2]}"
     netloc = parts.netloc
     if "@" in netloc:
         info, _, host = netloc.rpartition("@")

@@ -207,11 +207,18 @@ class S3Store:
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
         offset = 0
         failures = 0
+        total: int | None = None
         while True:
+            if total is not None and offset >= total:
+                return  # every byte arrived; what failed was the end of the response
             ranged = {"Range": f"bytes={offset}-"} if offset else {}
             try:
                 response = await client.get_object(Bucket=bucket, Key=key, **extra, **ranged)
+                if not offset:
+                    total = int(response.get("ContentLength") or 0) or None
                 if offset and not str(response.get("ContentRange", "")).startswith(f"bytes {offset}-"):
+                    async with response["Body"]:
+                        pass  # closed, not left half-read
                     raise S3Error(f"s3://{bucket}/{key}: asked for bytes from {offset}, got "
                                   f"{response.get('ContentRange') or 'the whole object'}", "BadRange")
                 # `async with` closes the HTTP response whether the consumer reads to the end or

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -153,14 +152,15 @@ class Sink:
             try:
                 await self.flush()
             except Exception as exc:  # keep the buffer; the next flush tries again
-                if is_connection_error(exc):
-                    self.went_down(exc)
-                else:
+                if not is_connection_error(exc):  # the server's disk full, read-only after a failover...
                     log.error("sink.write_failed", error=f"{type(exc).__name__}: {exc}", waiting=len(self._buffer))
+                # Whatever the cause, outcomes that cannot be written pause the job and run the
+                # outage clock: fetching on would spend the budgets on rows that cannot be recorded.
+                self.went_down(exc)
 
     def went_down(self, exc: BaseException) -> None:
         """The database could not be reached: say so once, pause the job, count the outage."""
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if self.down_since is None:
             self.down_since = now
             self._backoff = BACKOFF_FIRST_S
@@ -177,12 +177,13 @@ class Sink:
 
     def came_back(self) -> None:
         if self.down_since is not None:
-            log.warning("db.back", after_s=round(time.monotonic() - self.down_since, 1), waiting=len(self._buffer))
+            log.warning("db.back", after_s=round(asyncio.get_running_loop().time() - self.down_since, 1), waiting=len(self._buffer))
             self.down_since = None
             self.healthy.set()
 
     async def flush(self) -> None:
         async with self._lock:
+            wrote = False
             while self._buffer:
                 batch = self._buffer[: self._flush_rows]
                 try:
@@ -194,9 +195,11 @@ class Sink:
                     batch = await self._one_by_one(batch)
                 del self._buffer[: len(batch)]
                 self.written += len(batch)
+                wrote = True
                 if self._on_written is not None:
                     self._on_written(batch)
-            self.came_back()
+            if wrote:  # only a real round trip says the database is back (an empty flush says nothing)
+                self.came_back()
 
     async def _one_by_one(self, batch: list[Change]) -> list[Change]:
         for change in batch:
@@ -229,8 +232,6 @@ class Sink:
                 await self.flush()
                 return
             except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
                 self.went_down(exc)
                 if self.failed is not None:
                     raise DatabaseError(f"{len(self._buffer)} outcomes could not be written: {self.failed}") from None

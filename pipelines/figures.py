@@ -173,7 +173,10 @@ class FigureJob:
             # file in place → commit → stamp: the committer flushes its stamps through the sink.
             # Bounded: a database or git that never answers must not hold the stop for ever; what
             # is left then is repaired by the next run (files on disk are adopted).
-            await self._bounded_close(drain_timeout_s)
+            # After a stop signal the operator waits: drain_timeout_s. A normal finish may need
+            # a last commit that waits on git's index lock: git_timeout_s, and an outage.
+            normal = max(drain_timeout_s, 2 * self.cfg["artifacts"]["git_timeout_s"] + 30)
+            await self._bounded_close(drain_timeout_s if interrupted or self.fatal else normal)
             await session.close()
         return self._summary(interrupted)
 
@@ -188,9 +191,10 @@ class FigureJob:
                 if self.fatal is None:
                     self.fatal = (f"the {name} could not finish within run.drain_timeout_s "
                                   f"({self.sink.failed or 'the database or git did not answer'})")
-            except DatabaseError as exc:
-                log.error("run.close_failed", part=name, error=str(exc))
-                self.fatal = self.fatal or str(exc)
+            except Exception as exc:  # the database refusing, a bug: said, and the run says it failed
+                log.error("run.close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
+                self.fatal = self.fatal or (str(exc) if isinstance(exc, DatabaseError)
+                                            else f"closing the {name} failed: {type(exc).__name__}: {exc}")
 
     # -- planning and producing ---------------------------------------------------------------------
     async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:

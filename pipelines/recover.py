@@ -74,7 +74,8 @@ class RecoverJob:
                             cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
         self.history = History(GitRepo(self.checkout, cfg["artifacts"]["git_timeout_s"], "", ""))
         self.folder = Path(cfg["report"]["dir"]) / run_id
-        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"])
+        self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
+                         outage_max_s=cfg["db"]["outage_max_s"])
         self.committer = Committer(self.repo, self.sink, rec["commit_batch"], cfg["artifacts"]["commit_interval_s"],
                                    run_id, self._stamp, "recovered files", cfg["artifacts"]["max_uncommitted"],
                                    cfg["artifacts"]["fsync"])
@@ -132,10 +133,18 @@ class RecoverJob:
         self.phase = "deciding and binding"
         decisions = ev.decide_all([s.expectation for s in todo if s.expectation], candidates,
                                   await self._bound_contents(states))
+        unread = ", ".join(u["source"] for u in self.searched.get("unread", []))
         for s in todo:
             assert s.expectation is not None
             s.decision = decisions[s.row["id"]]
             s.related = [(r, c) for c in candidates if (r := ev.relevant(s.expectation, c))]
+            d = s.decision
+            if unread and d.status == "bound" and d.confidence in ("high", "medium"):
+                # Those rungs need the one content among every location searched; a backup that
+                # could not be read may hold another. Only a recorded sha256 still binds.
+                s.decision = ev.Decision("needs_review", d.confidence, None, d.evidence,
+                                         reason=f"would bind ({d.confidence}), but {unread} could not be read "
+                                                "and may hold another content; run again once it can be")
         self._apply_approvals(states)
         if not self.opts.plan:
             self.sink.start()
@@ -155,10 +164,22 @@ class RecoverJob:
                     s.file_path = None
         finally:
             if not self.opts.plan:
-                await self.committer.close()
-                await self.sink.close()
+                await self._bounded_close()
         self._write_reports(states, await self.db.latest_references(list(states)))
         return self._summary(states)
+
+    async def _bounded_close(self) -> None:
+        """Commit and write what is left, bounded: a database or git that never answers must not
+        hold the run for ever (what is left is repaired by the next run)."""
+        bound = 2 * self.cfg["artifacts"]["git_timeout_s"] + self.cfg["db"]["outage_max_s"]
+        for name, closing in (("committer", self.committer.close), ("sink", self.sink.close)):
+            try:
+                await asyncio.wait_for(closing(), bound)
+            except Exception as exc:
+                log.error("run.close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
+                self.unrecorded.add("database" if name == "sink" else "commit",
+                                    f"closing the {name} failed: {type(exc).__name__}: {exc}",
+                                    count=self.sink.pending + self.committer.pending)
 
     # -- rows and expectations ------------------------------------------------------------------
     async def _load(self) -> dict[str, RowState]:

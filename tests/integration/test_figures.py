@@ -200,7 +200,7 @@ async def test_politeness_measured_at_the_server(dsn, repo, sim, tmp_path):
     # The guard is the margin for jitter between our clock and the server's; 20 ms keeps this
     # measurement honest on a loaded two-core machine (the shipped default is 5 ms).
     cfg = figure_config(dsn, repo, sim.port, tmp_path, budgets={"europepmc": {"max_inflight": 2, "rate_per_s": 8.0}},
-                        http={"rate_guard_s": 0.02, "head_404_confirm": 0})
+                        http={"rate_guard_s": 0.02, "head_404_confirm": 0, "head_404_recheck_every": 0})
     _, summary = await run_figures(cfg)
     assert summary["hard_404"] == 24
     hosts = {"europepmc.org", "www.ebi.ac.uk"}

@@ -460,3 +460,64 @@ async def test_large_files_are_streamed_with_bounded_memory_and_a_watchdog_that_
     assert git(repo, "cat-file", "-s", "HEAD:models/m159.bin") == str(1 << 20)
     assert peak_kb * 1024 < (HOLD_MAX + (60 << 20)), f"worker peak {peak_kb} kB: files were held, not streamed"
     assert timeouts[0] >= 5 * 3 + 2 * 160  # per-batch allowance + reading 160 MiB twice at 1 MiB/s
+
+
+async def test_a_stale_index_lock_of_ours_is_removed_even_if_its_process_id_lives_again(repo):
+    """In a container the next run may have the killed run's process id: the owner note's inode
+    and mtime decide, not the id (every holder of our lock holds the commit flock we hold)."""
+    import os
+
+    from crawler.git import IndexLock
+    lock = repo / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    st = os.stat(lock)
+    (repo / ".git" / IndexLock.OWNER).write_text(f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert not lock.exists() and "a.png" in git(repo, "ls-files")
+
+
+async def test_a_failed_wait_for_the_index_lock_keeps_the_note_of_a_killed_runs_lock(repo):
+    import os
+
+    import pytest
+
+    from crawler.git import GitError, IndexLock
+    lock = repo / ".git" / "index.lock"
+    lock.write_bytes(b"")
+    note = repo / ".git" / IndexLock.OWNER
+    note.write_text("1 1 1\n")  # names some other file: this lock is not ours, so it is waited for
+    ours = GitRepo(repo, 0.2, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    with pytest.raises(GitError, match="index.lock"):
+        await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert note.read_text() == "1 1 1\n" and lock.exists()
+    del os
+
+
+async def test_the_intent_log_of_an_older_version_survives_a_commit_that_fails(repo):
+    """Paths an older version committed without teaching the index: the log is removed only once
+    an index holding them is published with the branch moved; a failed commit keeps it."""
+    import pytest
+
+    from crawler.git import LEGACY_UNSYNCED, GitError
+    (repo / "old.png").write_bytes(b"old")
+    git(repo, "add", "old.png")
+    git(repo, "-c", "user.name=o", "-c", "user.email=o@o", "commit", "-q", "-m", "older version")
+    git(repo, "rm", "-q", "--cached", "old.png")  # the index never learned it
+    (repo / ".git" / LEGACY_UNSYNCED).write_bytes(b"old.png\0")
+    stale_ref = repo / ".git" / "refs" / "heads" / "main.lock"
+    stale_ref.write_text("")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    with pytest.raises(GitError):
+        await ours.commit_paths(["a.png"], "one")
+    assert (repo / ".git" / LEGACY_UNSYNCED).exists()
+    stale_ref.unlink()
+    await ours.commit_paths(["a.png"], "one")
+    await ours.close()
+    assert not (repo / ".git" / LEGACY_UNSYNCED).exists()
+    assert set(git(repo, "ls-files").split()) == {"a.png", "old.png"} and git(repo, "status", "--porcelain") == ""

@@ -89,7 +89,7 @@ async def test_a_host_whose_head_404s_lie_loses_no_row(dsn, repo, sim, tmp_path)
         sim.set_route("media.example.net", f"/gone{i}.png", Behaviour(status=404, content_type="text/html"))
         rows.append((f"gone-{i}", {"image_url": url("media.example.net", f"/gone{i}.png"), "paper_id": "P"}, None))
     await insert_figures(dsn, rows)
-    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"head_404_confirm": 2},
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"head_404_confirm": 2, "head_404_recheck_every": 0},
                         budgets={"default": {"max_inflight": 1, "rate_per_s": 200.0}})
     status, summary = await run_figures(cfg)
     assert status == 0
@@ -110,3 +110,36 @@ async def test_a_host_whose_head_404s_lie_loses_no_row(dsn, repo, sim, tmp_path)
     events = [json.loads(line) for line in
               (Path(cfg["report"]["dir"]) / summary["run_id"] / "log.jsonl").read_text().splitlines()]
     assert [e["host"] for e in events if e["event"] == "host.head_404_untrusted"] == ["cdn.example.com"]
+
+
+async def test_a_framed_image_with_bytes_after_its_end_marker_is_stored(dsn, repo, sim, tmp_path):
+    """Content-Length says the body is whole; some writers append data after the end marker.
+    It is stored as served, not taken for truncated (and fetched again on every run)."""
+    trailer = PNG + b"\x00appended by the writer " * 20
+    sim.set_route("cdn.example.com", "/trailer.png", Behaviour(body=trailer))
+    await insert_figures(dsn, [("t-1", {"image_url": url("cdn.example.com", "/trailer.png"), "paper_id": "P"}, None)])
+    _, summary = await run_figures(figure_config(dsn, repo, sim.port, tmp_path))
+    row = (await rows_by_id(dsn))["t-1"]
+    assert summary["fetched"] == 1 and (repo / row["file_path"]).read_bytes() == trailer
+
+
+async def test_a_host_that_starts_lying_mid_run_is_caught_by_the_rechecks(dsn, repo, sim, tmp_path):
+    """Its first HEAD 404s are true (confirmed), then one node starts answering HEAD 404 for
+    files GET serves: every Nth HEAD 404 is asked again, and from the first lie on the host's
+    rows go straight to GET."""
+    rows = []
+    for i in range(12):
+        if i < 3:
+            sim.set_route("cdn.example.com", f"/m{i}.png", Behaviour(status=404, content_type="text/html"))
+        else:
+            sim.set_route("cdn.example.com", f"/m{i}.png", Behaviour(body=images.png(30 + i, 800), head_status=404))
+        rows.append((f"m-{i:02}", {"image_url": url("cdn.example.com", f"/m{i}.png"), "paper_id": "P"}, None))
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, http={"head_404_confirm": 3, "head_404_recheck_every": 2},
+                        budgets={"default": {"max_inflight": 1, "rate_per_s": 200.0}})
+    _, summary = await run_figures(cfg)
+    got = await rows_by_id(dsn)
+    lost = [rid for rid, r in got.items() if r["metadata"].get("image_unavailable") and int(rid[2:]) >= 3]
+    assert summary["head_404_untrusted"] == ["cdn.example.com"]
+    assert len(lost) <= 1  # at most the one HEAD 404 between two rechecks was taken on trust
+    assert summary["fetched"] >= 8

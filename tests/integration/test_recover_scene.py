@@ -165,8 +165,9 @@ async def test_stop_during_a_search_ends_the_run_promptly(dsn, repo, tmp_path, m
 
 
 async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound(dsn, repo, tmp_path, s3):
-    """S3 cuts every read of the backup: after its resumes the tarball is given up, the row the
-    checkout answers is still bound, the summary and the residual name the unread tarball, and
+    """S3 cuts every read of the backup: after its resumes the tarball is given up, a row the
+    checkout answers by sha256 is still bound, one it answers by path alone waits for review (the
+    backup may hold another content), the summary and the residual name the unread tarball, and
     the run exits 3 (some work could not be done) rather than failing whole or claiming success."""
     import io
     import tarfile
@@ -174,6 +175,7 @@ async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound
     from tests.s3proxy import CuttingProxy
     (repo / "datasets").mkdir()
     (repo / "datasets" / "local.csv").write_bytes(b"a,b\n1,2\n")
+    (repo / "datasets" / "bysha.csv").write_bytes(b"s,h,a\n")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         data = __import__("os").urandom(600_000)
@@ -184,6 +186,8 @@ async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound
     await insert_artifacts(dsn, [
         ("u-local", "dataset", {"expected_path": "datasets/local.csv"}, None),
         ("u-remote", "dataset", {"expected_path": "datasets/remote.csv"}, None),
+        ("u-sha", "dataset", {"filename": "bysha.csv",
+                              "file_sha256": __import__("hashlib").sha256(b"s,h,a\n").hexdigest()}, None),
     ])
     async with CuttingProxy(s3.endpoint_url, ".tar.gz", cut_after=100_000, cuts=1000) as proxy:
         cfg = recover_config(dsn, repo, tmp_path, s3_prefix=f"s3://{BUCKET}/unread/", stream_resumes=2)
@@ -194,7 +198,10 @@ async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound
     [source] = [u for u in summary["unrecorded"] if u["what"] == "source"]
     assert source["source"].endswith("20260315T020000.tar.gz") and "could not be read" in source["why"]
     got = await rows_by_id(dsn)
-    assert got["u-local"]["file_path"] == "datasets/local.csv" and got["u-remote"]["file_path"] is None
+    # the checkout's file would bind by its expected path alone, but the unread backup may hold
+    # another content there: for review, not bound (a recorded sha256 would still bind)
+    assert got["u-local"]["file_path"] is None and got["u-remote"]["file_path"] is None
+    assert got["u-sha"]["file_path"] == "datasets/bysha.csv"
     folder = Path(cfg["report"]["dir"]) / summary["run_id"]
     residual = {r["artifact_id"]: r["failure_mode"] for r in read_csv(folder / "residual.csv")}
     assert "not read: s3://scidex/unread/scidex-host-20260315T020000.tar.gz" in residual["u-remote"]

@@ -150,3 +150,31 @@ def test_a_retry_after_beyond_max_wait_is_returned_not_slept():
 
     result = run_virtual(scene())
     assert (result.outcome, result.error, result.retry_in_s) == ("transient", "http_429", 7200.0)
+
+
+def test_an_empty_flush_does_not_end_an_outage_nor_restart_its_clock():
+    """The producer found the database away; the sink has nothing to write. Its empty flushes
+    must not say the database is back (which restarted the outage clock twice a second, so a
+    run never gave up): only a real round trip does."""
+    from crawler.sink import Sink
+
+    class Away:
+        async def apply_changes(self, run_id, changes):
+            raise ConnectionRefusedError("the database is away")
+
+    async def scene():
+        gave_up: list[str] = []
+        sink = Sink(Away(), "run", 10, 0.05, outage_max_s=5.0, on_outage_over=gave_up.append)  # type: ignore[arg-type]
+        sink.start()
+        sink.went_down(ConnectionRefusedError("page query refused"))
+        await asyncio.sleep(3)
+        still_down = sink.down_since is not None and not sink.healthy.is_set()
+        await asyncio.sleep(3)
+        sink.went_down(ConnectionRefusedError("page query refused"))  # the producer asks again
+        sink._closing = True
+        sink.wake()
+        await sink._task
+        return still_down, gave_up
+
+    still_down, gave_up = run_virtual(scene())
+    assert still_down and len(gave_up) == 1 and "unreachable for over 5 s" in gave_up[0]

@@ -34,6 +34,9 @@ def test_the_masked_dsn_still_says_where():
     "https://SECRET@cdn.example.com/x.png",
     "https://cdn.example.com/x.png?token=SECRET&w=2",
     "https://bucket.s3.amazonaws.com/x.png?X-Amz-Signature=SECRET&X-Amz-Credential=SECRET2",
+    "https://alice:s3cr#tSECRET@cdn.example.com/x.png",
+    "https://alice:pa/ssSECRET@cdn.example.com/x.png",
+    "https://alice:pa?ssSECRET@cdn.example.com/x.png",
 ])
 def test_url_credentials_are_masked(url):
     masked = redact.url(url)
