@@ -47,6 +47,7 @@ BLOB_CHUNK = 1 << 20
 READ_WHOLE = 1 << 20   # files up to this size are read in one go; larger ones are read twice (hashed, then written)
 HOLD_MAX = 32 << 20    # bytes held in memory across one call, at most: files beyond are streamed from disk
 RECYCLE_READER_PACKS = 64  # packs written before the object reader (git cat-file) is started afresh
+DELTA_BASE_CACHE = "8m"    # the object reader's cache of delta bases (git's default is 96m)
 # Formats that are compressed already: zlib would spend CPU to gain nothing (`git gc` may still).
 _COMPRESSED = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"\x1f\x8b")
 
@@ -432,7 +433,10 @@ class ObjectReader:
     watchdog on the whole worker call, which kills the worker and with it this pipe."""
 
     def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
-        self.proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=root, env=dict(env),
+        # git keeps up to 96 MB of delta bases by default; the folders read here are deltas on
+        # deltas (DELTA_FROM), so the reader's memory grew to that whatever the run's size.
+        self.proc = subprocess.Popen(["git", "-c", f"core.deltaBaseCacheLimit={DELTA_BASE_CACHE}", "cat-file", "--batch"],
+                                     cwd=root, env=dict(env),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.timeout_s = timeout_s
 
