@@ -9,11 +9,10 @@ reset) for its first `cuts` responses; later ones pass whole. Ranged requests ar
 
 from __future__ import annotations
 
-import socket
-import struct
-
 import aiohttp
 from aiohttp import web
+
+from crawler.sandbox.simulator import abort_with_rst
 
 
 class CuttingProxy:
@@ -65,19 +64,9 @@ class CuttingProxy:
                     await resp.write(chunk[: self.cut_after - sent])
                     self.cuts_left -= 1
                     self.cut_count += 1
-                    _reset(request)
+                    abort_with_rst(request)
                     return resp
                 await resp.write(chunk)
                 sent += len(chunk)
             await resp.write_eof()
             return resp
-
-
-def _reset(request: web.Request) -> None:
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()

@@ -161,7 +161,7 @@ class _Response(web.StreamResponse):
             self.headers.popall("Content-Type", None)
 
 
-def _abort_with_rst(request: web.BaseRequest) -> None:
+def abort_with_rst(request: web.BaseRequest) -> None:
     """Drop the connection so the peer sees ECONNRESET, not a clean EOF."""
     transport = request.transport
     if transport is None:
@@ -297,7 +297,7 @@ class UpstreamSimulator:
             if behaviour.delay_s:
                 await asyncio.sleep(behaviour.delay_s)
             if behaviour.reset:
-                _abort_with_rst(request)
+                abort_with_rst(request)
                 # Never sent: aiohttp's write fails on the aborted transport, which it
                 # treats as a premature client disconnect (no error logged).
                 return resp

@@ -305,19 +305,26 @@ async def test_no_interleaving_of_the_job_and_a_user_commits_a_deletion(repo):
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
 
 
-async def test_an_index_lock_a_killed_run_of_ours_left_is_removed(repo):
-    """SIGKILL while holding git's index.lock: the owner note names a dead process and that very
-    lock file, so the next commit removes it and goes ahead."""
+def _plant_our_stale_index_lock(repo, pid: int):
+    """git's index.lock as a run of ours killed while holding it leaves it: the lock, and the
+    owner note naming the process, the lock's inode and its mtime."""
     import os
-    import subprocess
 
     from crawler.git import IndexLock
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     lock = repo / ".git" / "index.lock"
     lock.write_bytes(b"")
     st = os.stat(lock)
-    (repo / ".git" / IndexLock.OWNER).write_text(f"{gone.pid} {st.st_ino} {st.st_mtime_ns}\n")
+    (repo / ".git" / IndexLock.OWNER).write_text(f"{pid} {st.st_ino} {st.st_mtime_ns}\n")
+    return lock
+
+
+async def test_an_index_lock_a_killed_run_of_ours_left_is_removed(repo):
+    """SIGKILL while holding git's index.lock: the owner note names a dead process and that very
+    lock file, so the next commit removes it and goes ahead."""
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = _plant_our_stale_index_lock(repo, gone.pid)
     ours = GitRepo(repo, 60, "crawler", "c@c")
     (repo / "a.png").write_bytes(b"a")
     await ours.commit_paths(["a.png"], "one")
@@ -466,12 +473,7 @@ async def test_a_stale_index_lock_of_ours_is_removed_even_if_its_process_id_live
     """In a container the next run may have the killed run's process id: the owner note's inode
     and mtime decide, not the id (every holder of our lock holds the commit flock we hold)."""
     import os
-
-    from crawler.git import IndexLock
-    lock = repo / ".git" / "index.lock"
-    lock.write_bytes(b"")
-    st = os.stat(lock)
-    (repo / ".git" / IndexLock.OWNER).write_text(f"{os.getpid()} {st.st_ino} {st.st_mtime_ns}\n")
+    lock = _plant_our_stale_index_lock(repo, os.getpid())
     ours = GitRepo(repo, 60, "crawler", "c@c")
     (repo / "a.png").write_bytes(b"a")
     await ours.commit_paths(["a.png"], "one")
