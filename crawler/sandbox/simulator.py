@@ -41,6 +41,7 @@ __all__ = [
     "Behaviour",
     "RequestRecord",
     "UpstreamSimulator",
+    "abort_with_rst",
     "http_date_in",
     "make_tls",
     "max_starts_in_window",
