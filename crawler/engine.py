@@ -109,8 +109,8 @@ async def run_job(cfg: Config, db: Database, command: str,
         summary = {"error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        # The handlers stay until the very end: a signal while the summary and the run's row are
+        # written must not kill the process half-way (a third one still exits at once).
         summary = {"run_id": run_id, "command": command, "status": status, "started_at": iso(started),
                    "finished_at": iso(utcnow()), "duration_s": round(time.monotonic() - t0, 3), **summary}
         summary = redact.deep(summary, cfg.secrets())  # an error's text may quote a DSN or a URL
@@ -124,6 +124,8 @@ async def run_job(cfg: Config, db: Database, command: str,
         finally:
             log.info("run.finish", **_lean(summary))
             logs.close()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     return EXIT_FOR[status], summary
 
 
