@@ -31,6 +31,25 @@ from .unrecorded import Unrecorded
 log = structlog.get_logger()
 
 
+async def close_bounded(committer: Committer, sink: Sink, seconds: float, each: bool = False
+                        ) -> list[tuple[str, BaseException]]:
+    """Close the committer, then the sink (file → commit → stamp), within `seconds` in all (or
+    each, with `each`): a database or git that never answers must not hold a run for ever; what
+    is left is repaired by the next run. Returns the parts that failed, with why; never raises."""
+    deadline = time.monotonic() + max(seconds, 1.0)
+    failed: list[tuple[str, BaseException]] = []
+    for name, closing in (("committer", committer.close), ("sink", sink.close)):
+        left = max(seconds, 1.0) if each else max(deadline - time.monotonic(), 0.1)
+        try:
+            await asyncio.wait_for(closing(), left)
+        except Exception as exc:  # a timeout, the database refusing, a bug: said, and handed back
+            event = "run.close_timeout" if isinstance(exc, TimeoutError) else "run.close_failed"
+            log.error(event, part=name, error=f"{type(exc).__name__}: {exc}",
+                      waiting=committer.pending + sink.pending, note="the next run repairs what is left")
+            failed.append((name, exc))
+    return failed
+
+
 @dataclass(frozen=True)
 class PlacedFile:
     artifact_id: str

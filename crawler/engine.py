@@ -24,7 +24,7 @@ import structlog
 from . import logs, native, redact, report
 from .config import Config
 from .db import Database, is_connection_error
-from .sink import iso, utcnow
+from .sink import BACKOFF_FIRST_S, BACKOFF_MAX_S, iso, utcnow
 
 log = structlog.get_logger()
 
@@ -133,7 +133,7 @@ async def _finish_run(db: Database, run_id: str, status: str, summary: dict[str,
     """The run's row gets its end, riding out a database that is away for a while (a row left
     `running` would look like a run still going)."""
     deadline = time.monotonic() + outage_max_s
-    wait = 0.25
+    wait = BACKOFF_FIRST_S
     while True:
         try:
             await db.finish_run(run_id, status, summary)
@@ -144,7 +144,7 @@ async def _finish_run(db: Database, run_id: str, status: str, summary: dict[str,
                           note="the runs table still says running for this run")
                 return
             await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
+            wait = min(wait * 2, BACKOFF_MAX_S)
 
 
 def _lean(summary: dict[str, Any]) -> dict[str, Any]:

@@ -100,17 +100,24 @@ def deep(value: Any, known: tuple[str, ...] = ()) -> Any:
     if isinstance(value, str):
         return scrub(value, known)
     if isinstance(value, dict):
-        return {k: deep(v, known) for k, v in value.items()}
+        out: dict[Any, Any] | None = None
+        for k, v in value.items():
+            masked = deep(v, known)
+            if masked is not v:  # copied only when something was masked: every log line passes here
+                out = out if out is not None else dict(value)
+                out[k] = masked
+        return out if out is not None else value
     if isinstance(value, (list, tuple)):
-        return [deep(v, known) for v in value]
+        items = [deep(v, known) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
     return value
 
 
 def scrub(text: str, known: tuple[str, ...] = ()) -> str:
     """Free text with URL userinfo, keyword passwords and the `known` secrets masked."""
-    if "@" in text:
+    if "@" in text and "://" in text:
         text = _USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", text)
-    if "=" in text:
+    if "=" in text and "ass" in text.lower():  # password=, sslpassword=
         text = _KEYWORD.sub(lambda m: m.group("key") + MASK, text)
     for secret in known:
         if secret and secret in text:

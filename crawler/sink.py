@@ -175,6 +175,11 @@ class Sink:
             if self._on_outage_over is not None:
                 self._on_outage_over(self.failed)
 
+    @property
+    def backoff_s(self) -> float:
+        """How long to wait before asking the database again, while it is away."""
+        return self._backoff
+
     def came_back(self) -> None:
         if self.down_since is not None:
             log.warning("db.back", after_s=round(asyncio.get_running_loop().time() - self.down_since, 1), waiting=len(self._buffer))

@@ -17,6 +17,7 @@ stamped as it is.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from yarl import URL
 
 from crawler import engine, files, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
-from crawler.committer import Committer, PlacedFile
+from crawler.committer import Committer, PlacedFile, close_bounded
 from crawler.config import Config
 from crawler.db import Change, Database, DatabaseError, is_connection_error
 from crawler.fetcher import Fetcher, FetchResult, make_session
@@ -180,21 +181,14 @@ class FigureJob:
             await session.close()
         return self._summary(interrupted)
 
-    async def _bounded_close(self, drain_timeout_s: float) -> None:
-        deadline = time.monotonic() + max(drain_timeout_s, 1.0)
-        for name, closing in (("committer", self.committer.close), ("sink", self.sink.close)):
-            try:
-                await asyncio.wait_for(closing(), max(deadline - time.monotonic(), 0.1))
-            except TimeoutError:
-                log.error("run.close_timeout", part=name, waiting=self.committer.pending + self.sink.pending,
-                          note="not finished within run.drain_timeout_s; the next run repairs what is left")
-                if self.fatal is None:
-                    self.fatal = (f"the {name} could not finish within run.drain_timeout_s "
-                                  f"({self.sink.failed or 'the database or git did not answer'})")
-            except Exception as exc:  # the database refusing, a bug: said, and the run says it failed
-                log.error("run.close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
-                self.fatal = self.fatal or (str(exc) if isinstance(exc, DatabaseError)
-                                            else f"closing the {name} failed: {type(exc).__name__}: {exc}")
+    async def _bounded_close(self, seconds: float) -> None:
+        for name, exc in await close_bounded(self.committer, self.sink, seconds):
+            if isinstance(exc, TimeoutError):
+                why = (f"the {name} could not finish within run.drain_timeout_s "
+                       f"({self.sink.failed or 'the database or git did not answer'})")
+            else:
+                why = str(exc) if isinstance(exc, DatabaseError) else f"closing the {name} failed: {type(exc).__name__}: {exc}"
+            self.fatal = self.fatal or why
 
     # -- planning and producing ---------------------------------------------------------------------
     async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:
@@ -299,7 +293,7 @@ class FigureJob:
                 self.sink.went_down(exc)
                 if self.sink.failed is not None:
                     return []
-                await asyncio.sleep(self.sink._backoff)
+                await asyncio.sleep(self.sink.backoff_s)
 
     def _local_failure(self, artifact_id: str, exc: BaseException) -> None:
         """Trouble on our side (a full disk, a file system gone read-only, a bug) is not the
@@ -474,7 +468,6 @@ class FigureJob:
 def _local_reason(exc: BaseException) -> str:
     """What went wrong on this machine, in words that group rows by cause."""
     if isinstance(exc, OSError) and exc.errno is not None:
-        import os
         return f"{os.strerror(exc.errno)} (on this machine; the rows were left as they were)"
     return f"{type(exc).__name__} (on this machine; the rows were left as they were)"
 

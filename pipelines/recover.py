@@ -25,7 +25,7 @@ import structlog
 
 from crawler import evidence as ev
 from crawler import files, localsearch, paths, sink as contract
-from crawler.committer import Committer, PlacedFile
+from crawler.committer import Committer, PlacedFile, close_bounded
 from crawler.config import Config
 from crawler.db import Change, Database
 from crawler.evidence import Candidate, Decision, Expectation, TypeRules
@@ -172,14 +172,10 @@ class RecoverJob:
         """Commit and write what is left, bounded: a database or git that never answers must not
         hold the run for ever (what is left is repaired by the next run)."""
         bound = 2 * self.cfg["artifacts"]["git_timeout_s"] + self.cfg["db"]["outage_max_s"]
-        for name, closing in (("committer", self.committer.close), ("sink", self.sink.close)):
-            try:
-                await asyncio.wait_for(closing(), bound)
-            except Exception as exc:
-                log.error("run.close_failed", part=name, error=f"{type(exc).__name__}: {exc}")
-                self.unrecorded.add("database" if name == "sink" else "commit",
-                                    f"closing the {name} failed: {type(exc).__name__}: {exc}",
-                                    count=self.sink.pending + self.committer.pending)
+        for name, exc in await close_bounded(self.committer, self.sink, bound, each=True):
+            self.unrecorded.add("database" if name == "sink" else "commit",
+                                f"closing the {name} failed: {type(exc).__name__}: {exc}",
+                                count=self.sink.pending + self.committer.pending)
 
     # -- rows and expectations ------------------------------------------------------------------
     async def _load(self) -> dict[str, RowState]:

@@ -28,14 +28,14 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-async def start_cli(*args: str) -> asyncio.subprocess.Process:
+async def start_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler", *args, cwd=ROOT, env=cli_env(),
+        sys.executable, "-m", "crawler", *args, cwd=ROOT, env=env or cli_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    proc = await start_cli(*args)
+async def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await start_cli(*args, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
 

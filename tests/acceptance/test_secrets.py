@@ -8,7 +8,7 @@ import asyncpg
 
 from crawler.sandbox import images
 from crawler.sandbox.simulator import Behaviour, UpstreamSimulator
-from tests.acceptance.test_cli import cli_env, ROOT
+from tests.acceptance.test_cli import cli_env, run_cli
 from tests.harness import figure_tree, insert_figures, rows_by_id, to_toml
 
 SECRETS = ("Pw@ss-S3CRET-ONE", "Pw%40ss-S3CRET-ONE", "S3CRET-TWO", "S3CRET-THREE", "S3CRET-FOUR", "S3CRET-FIVE")
@@ -36,15 +36,6 @@ async def state_schema_text(dsn: str) -> str:
         await conn.close()
 
 
-async def run(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    import asyncio
-    import sys
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=ROOT, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_no_secret_reaches_any_output_file_or_table(dsn, repo, tmp_path):
     async with UpstreamSimulator() as sim:
         sim.set_route("cdn.example.com", "/ok.png", Behaviour(body=images.png(1, 2000)))
@@ -60,16 +51,16 @@ async def test_no_secret_reaches_any_output_file_or_table(dsn, repo, tmp_path):
         tree = figure_tree(with_password(dsn, "Pw%40ss-S3CRET-ONE"), repo, sim.port, tmp_path)  # "@", encoded
         tree["report"]["console"] = True
         (tmp_path / "c.toml").write_text(to_toml(tree))
-        code, out1, err1 = await run(["figures", "--config", str(tmp_path / "c.toml"), "-v"], cli_env())
+        code, out1, err1 = await run_cli("figures", "--config", str(tmp_path / "c.toml"), "-v", timeout=120)
         assert code == 0, err1[-2000:]
         # The second form: the password as a query parameter, from CRAWLER_DSN.
         sep = "&" if "?" in dsn else "?"
         tree["db"]["dsn"] = ""
         (tmp_path / "c2.toml").write_text(to_toml(tree))
         env = {**cli_env(), "CRAWLER_DSN": f"{dsn}{sep}password=S3CRET-TWO"}
-        code, out2, err2 = await run(["figures", "--config", str(tmp_path / "c2.toml"), "--retry-failed"], env)
+        code, out2, err2 = await run_cli("figures", "--config", str(tmp_path / "c2.toml"), "--retry-failed", timeout=120, env=env)
         assert code == 0, err2[-2000:]
-        code, out3, err3 = await run(["report", "--config", str(tmp_path / "c2.toml"), "--json"], env)
+        code, out3, err3 = await run_cli("report", "--config", str(tmp_path / "c2.toml"), "--json", env=env)
         assert code == 0
     got = await rows_by_id(dsn)
     assert got["s-ok"]["metadata"]["image_fetch_outcome"] == "fetched"

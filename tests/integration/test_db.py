@@ -154,3 +154,11 @@ async def test_a_row_the_database_refuses_is_set_aside_alone(dsn, monkeypatch):
         assert "k" in rows["r0"] and "k" not in rows["r1"] and "k" in rows["r2"]
     finally:
         await db.close()
+
+
+def test_a_cancelled_statement_is_not_an_outage_but_a_lost_connection_is():
+    from crawler.db import is_connection_error
+    assert not is_connection_error(asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"))
+    assert is_connection_error(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"))
+    assert is_connection_error(ConnectionRefusedError())
+    assert not is_connection_error(asyncpg.DataError("value out of range"))

@@ -482,8 +482,6 @@ async def test_a_stale_index_lock_of_ours_is_removed_even_if_its_process_id_live
 
 
 async def test_a_failed_wait_for_the_index_lock_keeps_the_note_of_a_killed_runs_lock(repo):
-    import os
-
     import pytest
 
     from crawler.git import GitError, IndexLock
@@ -497,7 +495,6 @@ async def test_a_failed_wait_for_the_index_lock_keeps_the_note_of_a_killed_runs_
         await ours.commit_paths(["a.png"], "one")
     await ours.close()
     assert note.read_text() == "1 1 1\n" and lock.exists()
-    del os
 
 
 async def test_the_intent_log_of_an_older_version_survives_a_commit_that_fails(repo):

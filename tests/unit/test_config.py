@@ -46,6 +46,7 @@ def test_override_key_by_key_and_env_dsn(tmp_path):
     ("[artifacts]\nfigure_path = 'figures/{artifact_id}/../x{ext}'\n", "artifacts.figure_path"),
     ("[artifacts]\nfigure_path = '/srv/{artifact_id}{ext}'\n", "artifacts.figure_path"),
     ("[http]\nretry_after_max_s = 0\n", "http.retry_after_max_s"),
+    ("[http]\nca_file = '/nonexistent/ca.pem'\n", "http.ca_file"),
     ("[http.connect_to]\n'europepmc.org' = '127.0.0.1:1'\n", "http.connect_to"),
     ("[artifacts]\ncommit_batch = 0\n", "artifacts.commit_batch"),
     ("[recovery]\ns3_prefix = 'scidex/backups'\n", "recovery.s3_prefix"),
