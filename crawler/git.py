@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import gitpack
+from . import gitindex, gitpack
 
 
 
@@ -57,6 +57,8 @@ class GitRepo:
         self.split_index = split_index
         self._split_config: str | None = None
         self._legacy_done: Path | None = None
+        self._new_shared: str | None = None  # the shared index part the last index write made
+        self._said_unsupported = False
         self.index_s = 0.0  # time spent rewriting the checkout's index, for the commit log line
         self.min_bytes_per_s = min_bytes_per_s  # the slowest reading of files a commit is allowed
         self._read_s = 0.0
@@ -224,7 +226,8 @@ class GitRepo:
                     # index to moving the branch) sees either neither or both, so it can never
                     # commit the deletion of our files. A crash in between leaves the index ahead
                     # of the branch (our files staged), never behind.
-                    index.stage(self._index_entries(entries), self._git_index)
+                    lines = self._index_entries(entries)
+                    index.stage(lambda current, nxt: self._write_index(lines, current, nxt, gitdir))
                     if made[-1] and made[-1] != tip:
                         try:
                             self._git("update-ref", "-m", "crawler: commit", self._branch or "", made[-1], tip or "")
@@ -237,6 +240,9 @@ class GitRepo:
                                     continue  # moved by something that takes no index lock (update-ref, a push)
                                 raise  # not moved: the ref cannot be written (a stale lock, a full disk)
                     index.done()
+                    if self._new_shared is not None:  # superseded shared parts, as git expires them
+                        gitindex.expire_shared(gitdir, keep={self._new_shared})
+                        self._new_shared = None
                     # Only now, with the index published and the branch moved, is the older
                     # version's intent log repaired for good.
                     if self._legacy_done is not None:
@@ -247,10 +253,10 @@ class GitRepo:
         finally:
             os.close(lock_fd)
 
-    def _index_entries(self, entries: Sequence[bytes]) -> bytes:
-        """`update-index -z --index-info` input: the entries just committed, plus those of paths an
+    def _index_entries(self, entries: Sequence[bytes]) -> list[bytes]:
+        """`update-index --index-info` lines: the entries just committed, plus those of paths an
         earlier version of this tool committed without teaching the index (its intent log)."""
-        out = b"".join(e + b"\0" for e in entries)
+        out = list(entries)
         assert self._git_dir is not None
         self._legacy_done = None
         intent = self._git_dir / LEGACY_UNSYNCED
@@ -259,13 +265,35 @@ class GitRepo:
             for i in range(0, len(wanted), 500):  # pathspecs on the command line, in slices
                 listed = self._git_bytes("ls-tree", "-r", "-z", "HEAD", "--",
                                          *(p.decode("utf-8", "surrogateescape") for p in wanted[i:i + 500]))
-                out += b"".join(e + b"\0" for e in listed.split(b"\0") if e)
+                out += [e for e in listed.split(b"\0") if e]
             self._legacy_done = intent
         return out
 
+    def _write_index(self, lines: list[bytes], current: Path | None, nxt: Path, gitdir: Path) -> None:
+        """Write to `nxt` the index `current` (None: none yet) with `lines` added. Split (unless
+        the repository says otherwise), by the commit worker in git's own format with memory
+        that does not grow with the index (crawler/gitindex.py); what that does not write, by
+        `git update-index`."""
+        t0 = time.monotonic()
+        try:
+            if self.split_index and self._split_unset():
+                try:
+                    size = sum(f.stat().st_size for f in [*gitdir.glob("sharedindex.*"), *([current] if current else [])])
+                    self._new_shared = self._worker_now().index(str(current) if current else None, str(nxt), lines,
+                                                                str(gitdir), size / self.min_bytes_per_s)
+                    return
+                except gitindex.Unsupported as exc:
+                    if not self._said_unsupported:
+                        self.warnings.append(f"the checkout's index is left to git update-index: {exc}")
+                        self._said_unsupported = True
+            if current is not None:
+                shutil.copyfile(current, nxt)
+            self._git_index(b"".join(x + b"\0" for x in lines), nxt)
+        finally:
+            self.index_s += time.monotonic() - t0
+
     def _git_index(self, stdin: bytes, index_file: Path) -> None:
         """`git update-index --index-info` on `index_file` (a copy of the checkout's index)."""
-        t0 = time.monotonic()
         args = ["update-index", "-z"]
         config: list[str] = []
         if self.split_index and self._split_unset():
@@ -274,7 +302,6 @@ class GitRepo:
                 args.append("--split-index")  # a new shared part: see _split_part_bloated
         env = {**self._env, "GIT_INDEX_FILE": str(index_file)}
         self._git_bytes(*config, *args, "--index-info", stdin=stdin, env=env)  # --index-info must come last
-        self.index_s += time.monotonic() - t0
 
     def _split_unset(self) -> bool:
         """Whether the repository leaves core.splitIndex unset (an operator's own setting wins)."""
@@ -310,6 +337,9 @@ class GitRepo:
         try:
             for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
                 if not _alive(f.name.split("-")[2]):
+                    f.unlink(missing_ok=True)
+            for f in gitdir.glob("sharedindex_crawler.*"):  # a shared index part a killed worker was writing
+                if not _alive(f.name.rsplit(".", 1)[1]):
                     f.unlink(missing_ok=True)
             for f in gitdir.glob("crawler-indexlock-*"):  # a killed run's own file for the index lock
                 pid = f.name.rsplit("-", 1)[1]
@@ -415,7 +445,7 @@ class _PackWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def _call(self, request: tuple[Any, ...], timeout_s: float) -> tuple[Any, ...]:
+    def _call(self, request: tuple[Any, ...], timeout_s: float, also: tuple[str, ...] = ()) -> tuple[Any, ...]:
         watchdog = threading.Timer(timeout_s, self.proc.kill)
         watchdog.start()
         try:
@@ -429,7 +459,7 @@ class _PackWorker:
                            "nothing was committed") from None
         finally:
             watchdog.cancel()
-        if reply[0] != "ok":
+        if reply[0] != "ok" and reply[0] not in also:
             raise GitError(reply[1])
         return reply
 
@@ -444,6 +474,14 @@ class _PackWorker:
 
     def forget(self) -> None:
         self._call(("forget",), self.timeout_s)
+
+    def index(self, current: str | None, out: str, lines: list[bytes], gitdir: str, read_s: float) -> str | None:
+        """crawler.gitindex.add in the worker (its CPU off our event loop's interpreter): the file
+        name of the new shared part, if it wrote one. Raises gitindex.Unsupported."""
+        reply = self._call(("index", current, out, lines, gitdir), self.timeout_s + 2 * read_s, also=("unsupported",))
+        if reply[0] == "unsupported":
+            raise gitindex.Unsupported(reply[1])
+        return reply[1]
 
     def stop(self) -> None:
         try:
@@ -547,19 +585,21 @@ class IndexLock:
         self.warnings.append(f"removed {self.lock}, left by a run of ours that was killed (process {pid})")
         return True
 
-    def stage(self, entries: bytes, write: Callable[[bytes, Path], None]) -> None:
-        """The index with `entries` (update-index -z --index-info input) in place; `write(entries,
-        file)` updates the copy `file`."""
+    def stage(self, write: Callable[[Path | None, Path], None]) -> None:
+        """The new index in place: `write(index, file)` writes to `file` the new version of
+        `index` (None: there is none yet)."""
         nxt, prev = self.gitdir / self.NEXT, self.gitdir / self.PREV
         self._had_index = self.index.exists()
         if self._had_index:
-            shutil.copyfile(self.index, nxt)
             os.link(self.index, prev)
-        write(entries, nxt)
+        write(self.prev_or_none(), nxt)
         with open(nxt, "rb+") as fh:
             os.fsync(fh.fileno())  # before the branch can name what the index must know
         os.replace(nxt, self.index)
         self._staged = True
+
+    def prev_or_none(self) -> Path | None:
+        return self.gitdir / self.PREV if self._had_index else None
 
     def restore(self) -> None:
         """The index as it was before `stage` (the branch did not move)."""

@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import gitindex
+
 OBJ_COMMIT, OBJ_TREE, OBJ_BLOB, OBJ_OFS_DELTA = 1, 2, 3, 6
 FOLDER_MODE = b"40000"
 CHUNK = 32             # entries per chunk: a change rewrites ~1.3 KB of a folder, and its delta carries as much
@@ -48,6 +50,10 @@ READ_WHOLE = 1 << 20   # files up to this size are read in one go; larger ones a
 HOLD_MAX = 32 << 20    # bytes held in memory across one call, at most: files beyond are streamed from disk
 RECYCLE_READER_PACKS = 8   # packs written before the object reader (git cat-file) is started afresh
 DELTA_BASE_CACHE = "8m"    # the object reader's cache of delta bases (git's default is 96m)
+# How much of the packs the object reader keeps mapped, in windows of what size (git's defaults on
+# 64-bit: 32 TiB and 1 GiB, so every page it touched stays in its memory until it ends).
+PACK_MAP_LIMIT = "32m"
+PACK_MAP_WINDOW = "1m"
 # Formats that are compressed already: zlib would spend CPU to gain nothing (`git gc` may still).
 _COMPRESSED = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"\x1f\x8b")
 
@@ -435,7 +441,9 @@ class ObjectReader:
     def __init__(self, root: Path, env: Mapping[str, str], timeout_s: float) -> None:
         # git keeps up to 96 MB of delta bases by default; the folders read here are deltas on
         # deltas (DELTA_FROM), so the reader's memory grew to that whatever the run's size.
-        self.proc = subprocess.Popen(["git", "-c", f"core.deltaBaseCacheLimit={DELTA_BASE_CACHE}", "cat-file", "--batch"],
+        self.proc = subprocess.Popen(["git", "-c", f"core.deltaBaseCacheLimit={DELTA_BASE_CACHE}",
+                                      "-c", f"core.packedGitLimit={PACK_MAP_LIMIT}",
+                                      "-c", f"core.packedGitWindowSize={PACK_MAP_WINDOW}", "cat-file", "--batch"],
                                      cwd=root, env=dict(env),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.timeout_s = timeout_s
@@ -699,6 +707,8 @@ def _read_checked(blob: Blob) -> Iterator[bytes]:
 #   ("commit", setup, tip, [([(path, bytes or None, sha256 to check or None), ...], message), ...])
 #       → ("ok", commit ids, {path: why refused}, [index entry of each path committed])
 #   ("forget",) → ("ok",)
+#   ("index", index path or None, out path, [index-info line], git dir)
+#       → ("ok", new shared part's file name or None) | ("unsupported", why): see gitindex.add
 # A failure replies ("error", one line); the worker keeps serving.
 Setup = tuple[str, str, dict[str, str], float, bytes]  # root, objects dir, git env, timeout_s, ident
 
@@ -770,6 +780,14 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             elif request[0] == "forget":
                 worker.forget()
                 reply = ("ok",)
+            elif request[0] == "index":
+                _kind, current, out, lines, gitdir = request
+                try:
+                    reply = ("ok", gitindex.add(Path(current) if current else None, Path(out),
+                                                gitindex.parse_index_info(lines), Path(gitdir)))
+                except gitindex.Unsupported as exc:
+                    Path(out).unlink(missing_ok=True)
+                    reply = ("unsupported", str(exc))
             else:
                 reply = ("error", f"unknown request {request[0]!r}")
         except (PackError, OSError, subprocess.TimeoutExpired) as exc:

@@ -1,5 +1,7 @@
 """The committer's git path against a real repository."""
 
+import os
+
 from crawler.git import GitRepo
 from tests.harness import git
 
@@ -351,21 +353,29 @@ async def test_someone_elses_index_lock_is_waited_for_then_reported_never_remove
     assert git(repo, "ls-files") == ""
 
 
-async def test_a_bloated_split_index_gets_a_new_shared_part(repo, monkeypatch):
+async def test_a_bloated_split_index_gets_a_new_shared_part(repo):
     """After a `git status` refreshed many entries, the split part can hold nearly the whole
-    index; the next commit then writes a new shared part and the split part is small again."""
-    from crawler import git as git_module
-    ours = GitRepo(repo, 60, "crawler", "c@c")
-    (repo / "a.png").write_bytes(b"a")
-    await ours.commit_paths(["a.png"], "one")
-    monkeypatch.setattr(git_module, "_split_part_bloated", lambda index_file: True)
+    index (as nameless replacements); the next commit then writes a new shared part and the
+    split part is small again."""
+    for i in range(2500):
+        (repo / f"u{i}.txt").write_text(str(i))
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=o", "-c", "user.email=o@o", "commit", "-q", "-m", "theirs")
+    git(repo, "-c", "core.splitIndex=true", "update-index", "--split-index")
+    for i in range(2500):
+        os.utime(repo / f"u{i}.txt", (1_700_000_000, 1_700_000_000))
+    git(repo, "update-index", "-q", "--refresh")  # each refreshed entry: a replacement in the split part
+    index = repo / ".git" / "index"
+    bloated = index.stat().st_size
     before = {p.name for p in (repo / ".git").glob("sharedindex.*")}
+    ours = GitRepo(repo, 60, "crawler", "c@c")
     (repo / "b.png").write_bytes(b"b")
     await ours.commit_paths(["b.png"], "two")
     await ours.close()
     after = {p.name for p in (repo / ".git").glob("sharedindex.*")}
     assert after - before, "a new shared part was written"
-    assert git(repo, "ls-files").split() == ["a.png", "b.png"] and git(repo, "status", "--porcelain") == ""
+    assert index.stat().st_size < bloated // 10
+    assert len(git(repo, "ls-files").split()) == 2501 and git(repo, "status", "--porcelain") == ""
 
 
 SHIELD_SCRIPT = r"""
@@ -448,9 +458,9 @@ async def test_large_files_are_streamed_with_bounded_memory_and_a_watchdog_that_
     timeouts: list[float] = []
     real_call = git_module._PackWorker._call
 
-    def spy(self, request, timeout_s):
+    def spy(self, request, timeout_s, also=()):
         timeouts.append(timeout_s)
-        return real_call(self, request, timeout_s)
+        return real_call(self, request, timeout_s, also)
 
     monkeypatch.setattr(git_module._PackWorker, "_call", spy)
     names = []
@@ -520,3 +530,21 @@ async def test_the_intent_log_of_an_older_version_survives_a_commit_that_fails(r
     await ours.close()
     assert not (repo / ".git" / LEGACY_UNSYNCED).exists()
     assert set(git(repo, "ls-files").split()) == {"a.png", "old.png"} and git(repo, "status", "--porcelain") == ""
+
+
+async def test_an_index_it_does_not_write_is_left_to_git(repo):
+    """Index version 4 (prefix-compressed names) is not written by crawler/gitindex.py: the
+    commit still keeps the index in step, through git update-index, and says so once."""
+    (repo / "u.txt").write_text("u")
+    git(repo, "add", "u.txt")
+    git(repo, "update-index", "--index-version", "4")
+    ours = GitRepo(repo, 60, "crawler", "c@c")
+    (repo / "a.png").write_bytes(b"a")
+    (repo / "b.png").write_bytes(b"b")
+    await ours.commit_paths(["a.png"], "one")
+    await ours.commit_paths(["b.png"], "two")
+    await ours.close()
+    assert [w for w in ours.warnings if "left to git update-index: index version 4" in w] == [ours.warnings[0]]
+    assert len(ours.warnings) == 1
+    assert git(repo, "ls-files").split() == ["a.png", "b.png", "u.txt"]
+    assert git(repo, "status", "--porcelain") == "A  u.txt"
