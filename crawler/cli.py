@@ -7,9 +7,11 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import engine, logs, native, redact, report
+from .changeset import ChangesetError, ChangesetFile
 from .config import Config, ConfigError
 from .db import Database, DatabaseError, is_connection_error
 from .git import GitError
@@ -21,6 +23,8 @@ COMMANDS = {
     "run": "figures, then recover, each a run of its own (the default)",
     "report": "print the summary of the last run, or of RUN_ID",
     "demo": "the whole thing end to end on an embedded sandbox, no set-up by hand",
+    "apply": "apply a reviewed changeset (from --changeset) through the journal",
+    "undo": "restore every value a run wrote (directly, or by apply of its changeset), from the journal",
 }
 
 
@@ -39,19 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--limit", type=int, metavar="N", help="take at most N rows this run")
     job.add_argument("--host", metavar="NAME", help="only rows whose image URL is on this host")
     job.add_argument("--retry-failed", action="store_true", help="also take rows whose last outcome was failed")
+    repair = argparse.ArgumentParser(add_help=False)
+    repair.add_argument("--plan", action="store_true",
+                        help="say what the run would do and change nothing: figures prints rows per budget and host "
+                             "and the least time the budgets allow (no request sent); recover searches and decides, "
+                             "and writes the changes it would make to plan.csv in the report folder")
+    repair.add_argument("--changeset", metavar="FILE",
+                        help="read-only repair: only read the database (nothing is written to it, not even the "
+                             "tool's schema) and append every row change to FILE (JSON Lines) for review and "
+                             "`crawler apply`; files are still fetched and committed. The same FILE again resumes")
     recover = argparse.ArgumentParser(add_help=False)
-    recover.add_argument("--plan", action="store_true",
-                         help="search and decide, write the changes it would make to the report folder; change nothing")
     recover.add_argument("--approve", metavar="FILE",
                          help="CSV (artifact_id,candidate_location) of candidates an operator approved after reading the inventory")
-    sub.add_parser("figures", parents=[common, job], help=COMMANDS["figures"], description=COMMANDS["figures"])
-    sub.add_parser("recover", parents=[common, recover], help=COMMANDS["recover"], description=COMMANDS["recover"])
-    sub.add_parser("run", parents=[common, job, recover], help=COMMANDS["run"], description=COMMANDS["run"])
+    sub.add_parser("figures", parents=[common, job, repair], help=COMMANDS["figures"], description=COMMANDS["figures"])
+    sub.add_parser("recover", parents=[common, repair, recover], help=COMMANDS["recover"],
+                   description=COMMANDS["recover"])
+    sub.add_parser("run", parents=[common, job, repair, recover], help=COMMANDS["run"], description=COMMANDS["run"])
     rep = sub.add_parser("report", parents=[common], help=COMMANDS["report"], description=COMMANDS["report"])
     rep.add_argument("run_id", nargs="?", metavar="RUN_ID")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of summary.md")
     demo = sub.add_parser("demo", parents=[common], help=COMMANDS["demo"], description=COMMANDS["demo"])
     demo.add_argument("--fresh", action="store_true", help="delete the sandbox and start over")
+    apply = sub.add_parser("apply", parents=[common], help=COMMANDS["apply"], description=COMMANDS["apply"])
+    apply.add_argument("file", metavar="FILE", help="the changeset (JSON Lines: artifact_id, before, after)")
+    apply.add_argument("--dry-run", action="store_true", help="check every line against the table, change nothing")
+    undo = sub.add_parser("undo", parents=[common], help=COMMANDS["undo"], description=COMMANDS["undo"])
+    undo.add_argument("run_id", metavar="RUN_ID", help="the run to undo (an undo run too: an undo can be undone)")
+    undo.add_argument("--dry-run", action="store_true", help="check every row against the journal, change nothing")
+    undo.add_argument("--revert-commits", action="store_true",
+                      help="also add one commit taking that run's files off the branch (history keeps them)")
     return parser
 
 
@@ -86,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("no database configured: set db.dsn in a --config file or CRAWLER_DSN "
                     "(to see the tool work on its own sandbox: python -m crawler demo)", engine.EXIT_USAGE)
     try:
+        if command in ("apply", "undo"):
+            return asyncio.run(run_repair(cfg, command, args))
         return asyncio.run(run_commands(cfg, command, args))
+    except ChangesetError as exc:
+        return fail(str(exc), engine.EXIT_USAGE)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
     except (GitError, PathError) as exc:
@@ -106,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def run_commands(cfg: Config, command: str, args: argparse.Namespace) -> int:
+    changeset = _changeset_path(args)
+
     async def body(db: Database) -> int:
         status = engine.EXIT_OK
-        if command in ("figures", "run"):
-            status, summary = await run_figures(cfg, db, args)
+        if command in ("figures", "run") and args.plan:
+            print_figures_plan(await plan_figures(cfg, db, args, changeset))
+        elif command in ("figures", "run"):
+            status, summary = await run_figures(cfg, db, args, changeset)
             print_summary_line(summary)
             if status not in (engine.EXIT_OK, engine.EXIT_UNRECORDED):
                 return status
@@ -117,14 +145,98 @@ async def run_commands(cfg: Config, command: str, args: argparse.Namespace) -> i
             recovered = await run_recover(cfg, db, args)
             status = recovered if recovered != engine.EXIT_OK else status  # a figures exit 3 still counts
         return status
-    return await engine.with_database(cfg, body)
+    # A plan and a read-only repair only read: read-only transactions, no migration of our schema.
+    return await engine.with_database(cfg, body, read_only=bool(args.plan or changeset))
 
 
-async def run_figures(cfg: Config, db: Database, args: argparse.Namespace) -> tuple[int, dict]:
-    from pipelines.figures import FigureJob, FigureOptions
-    opts = FigureOptions(limit=args.limit, host=(args.host or "").lower() or None, retry_failed=args.retry_failed)
+def _changeset_path(args: argparse.Namespace) -> Path | None:
+    if not getattr(args, "changeset", None):
+        return None
+    path = Path(args.changeset)
+    if not path.parent.is_dir():
+        raise ConfigError(f"--changeset {path}: no folder {path.parent}")
+    ChangesetFile(path)  # a file that is not a changeset stops here, before anything is read
+    return path
+
+
+def _figure_options(args: argparse.Namespace, changeset: Path | None) -> Any:
+    from pipelines.figures import FigureOptions
+    return FigureOptions(limit=args.limit, host=(args.host or "").lower() or None, retry_failed=args.retry_failed,
+                         changeset=changeset)
+
+
+async def run_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None = None
+                      ) -> tuple[int, dict]:
+    from pipelines.figures import FigureJob
+    opts = _figure_options(args, changeset)
     return await engine.run_job(cfg, db, "figures", lambda run_id: FigureJob(cfg, db, run_id, opts),
-                                verbose=args.verbose)
+                                verbose=args.verbose, record_run=changeset is None)
+
+
+async def plan_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None) -> dict:
+    from pipelines.figures import FigureJob
+    return await FigureJob(cfg, db, "plan", _figure_options(args, changeset)).plan_only()
+
+
+def print_figures_plan(plan: dict) -> None:
+    """The plan on stdout: rows per budget and host, and the least time the budgets allow."""
+    out = [f"figures plan: {plan['to_try']} rows to try"
+           + (f" (--limit {plan['limit']})" if plan["limit"] else "")
+           + f"; {plan['present']} already on disk, {plan['in_changeset']} already in the changeset, "
+             f"{plan['no_url']} without an image URL, {plan['bad_metadata']} with unreadable metadata",
+           "", f"{'budget':<28} {'hosts':>5} {'rows':>9} {'rate/s':>7} {'in flight':>9} {'at least':>10} {'if all exist':>13}"]
+    for name, b in sorted(plan["budgets"].items(), key=lambda kv: -kv[1]["least_s"]):
+        rate = f"{b['rate_per_s']:g}" if b["rate_per_s"] else "-"
+        out.append(f"{name[:28]:<28} {len(b['hosts']):>5} {b['rows']:>9} {rate:>7} {b['max_inflight']:>9} "
+                   f"{_hms(b['least_s']):>10} {_hms(b['if_all_exist_s']):>13}")
+    out += ["", f"the run takes at least {_hms(plan['least_s'])} (one request a row, at the slowest budget: "
+                f"{plan['slowest_budget'] or '-'}), {_hms(plan['if_all_exist_s'])} if every file exists (HEAD and GET)",
+            "", f"{'host':<40} {'to try':>9} {'on disk':>9} {'in changeset':>13}"]
+    for host, c in plan["per_host"].items():
+        out.append(f"{host[:40]:<40} {c.get('to_try', 0):>9} {c.get('present', 0):>9} {c.get('in_changeset', 0):>13}")
+    print("\n".join(out))
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
+
+
+async def run_repair(cfg: Config, command: str, args: argparse.Namespace) -> int:
+    """`apply FILE` and `undo RUN_ID`: runs of their own; `--dry-run` only reads."""
+    from pipelines.repair import ApplyJob, UndoJob
+    dry = args.dry_run
+    file = ChangesetFile(Path(args.file), repair=False) if command == "apply" else None
+
+    async def body(db: Database) -> int:
+        if command == "apply":
+            assert file is not None
+            make: Any = lambda run_id: ApplyJob(cfg, db, run_id, file, dry)
+        else:
+            if not await db.has_state() or (await db.run_info(args.run_id) is None and not await db.run_journal(args.run_id)):
+                raise ConfigError(f"no run {args.run_id} in the journal of {cfg['db']['state_schema']}")
+            make = lambda run_id: UndoJob(cfg, db, run_id, args.run_id, dry, args.revert_commits)
+        status, summary = await engine.run_job(cfg, db, command, make, verbose=args.verbose, record_run=not dry)
+        print_repair_lines(command, summary)
+        return status
+    return await engine.with_database(cfg, body, read_only=dry)
+
+
+def print_repair_lines(command: str, s: dict) -> None:
+    what = f"apply {s.get('changeset')}" if command == "apply" else f"undo {s.get('undone_run')}"
+    verb = "would change" if s.get("dry_run") else "changed"
+    line = (f"{what} {s.get('status')}{' (dry run: nothing written)' if s.get('dry_run') else ''}: "
+            f"{verb} {s.get('changed', 0)} rows, {s.get('already', 0)} already "
+            f"{'applied' if command == 'apply' else 'as before the run'}, {s.get('refused', 0)} refused")
+    if s.get("missing_rows"):
+        line += f", {len(s['missing_rows'])} not in the table"
+    if command == "undo" and s.get("revert_commit"):
+        line += f"; {s.get('files_taken_off')} files taken off the branch in {s['revert_commit'][:12]}"
+    print(f"{line} (report: {s.get('run_id')})", file=sys.stderr)
+    for r in s.get("refused_rows", [])[:20]:
+        print(f"  refused: {r['artifact_id']}: {r['why']} ({', '.join(r['differs'])})", file=sys.stderr)
+    if s.get("refused", 0) > 20:
+        print(f"  ... and {s['refused'] - 20} more (refused.csv in the report folder)", file=sys.stderr)
 
 
 async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> int:
@@ -132,9 +244,9 @@ async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> in
     approve = Path(args.approve) if getattr(args, "approve", None) else None
     if approve is not None and not approve.is_file():
         raise ConfigError(f"--approve {approve}: no such file")
-    opts = RecoverOptions(plan=getattr(args, "plan", False), approve=approve)
+    opts = RecoverOptions(plan=getattr(args, "plan", False), approve=approve, changeset=_changeset_path(args))
     status, summary = await engine.run_job(cfg, db, "recover", lambda run_id: RecoverJob(cfg, db, run_id, opts),
-                                           verbose=args.verbose, record_run=not opts.plan)
+                                           verbose=args.verbose, record_run=not (opts.plan or opts.changeset))
     print_recover_line(summary)
     return status
 

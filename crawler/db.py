@@ -62,6 +62,11 @@ class Change:
     bump_key: str | None = None
     detail: dict[str, Any] | None = None
     change_id: str | None = None  # given by the sink: unique, so a batch sent twice is written once
+    # apply and undo: the values the row must hold to be changed ({"file_path"?, "metadata": {key:
+    # value, null = absent}}), metadata keys to remove, and whether file_path is set even to null.
+    expect: dict[str, Any] | None = None
+    unset: tuple[str, ...] = ()
+    set_file_path: bool = False
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -77,8 +82,9 @@ def is_connection_error(exc: BaseException) -> bool:
 
 
 class Database:
-    def __init__(self, pool: asyncpg.Pool, table: str, schema: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, table: str, schema: str, read_only: bool = False) -> None:
         self._pool = pool
+        self.read_only = read_only
         self.table_name = table
         self.schema_name = schema
         self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
@@ -86,12 +92,14 @@ class Database:
     @classmethod
     async def connect(cls, dsn: str, table: str, schema: str, timeout_s: float, max_size: int = 4,
                       statement_timeout_s: float = 0, lock_timeout_s: float = 0,
-                      idle_in_transaction_timeout_s: float = 0) -> Database:
+                      idle_in_transaction_timeout_s: float = 0, read_only: bool = False) -> Database:
         # The server ends a statement, a wait for a row lock or a transaction left open after
         # these: a row another session holds locked can no longer hold up the sink for ever.
         settings = {"statement_timeout": f"{int(statement_timeout_s * 1000)}",
                     "lock_timeout": f"{int(lock_timeout_s * 1000)}",
                     "idle_in_transaction_session_timeout": f"{int(idle_in_transaction_timeout_s * 1000)}"}
+        if read_only:  # every transaction read-only: a write that slipped in fails, it cannot land
+            settings["default_transaction_read_only"] = "on"
         try:
             pool = await asyncpg.create_pool(
                 dsn, min_size=1, max_size=max_size, timeout=timeout_s, server_settings=settings,
@@ -99,7 +107,7 @@ class Database:
                 command_timeout=statement_timeout_s + timeout_s if statement_timeout_s else None)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
             raise DatabaseError(f"cannot connect to the database: {exc}") from None
-        return cls(pool, table, schema)
+        return cls(pool, table, schema, read_only)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -108,7 +116,8 @@ class Database:
         return text.format(**self._idents)
 
     async def prepare(self) -> None:
-        """Apply pending migrations of the tool's schema; check the artifacts table exists."""
+        """Apply pending migrations of the tool's schema; check the artifacts table exists. Read
+        only: only the check (the role may not be allowed to create a schema)."""
         async with self._pool.acquire() as conn:
             columns = {r["column_name"] for r in await conn.fetch(Q.TABLE_COLUMNS, self.table_name)}
             if not columns:
@@ -118,6 +127,8 @@ class Database:
                 raise DatabaseError(f"table {self.table_name!r} lacks column {sorted(missing)[0]!r}")
             if "updated_at" in columns:
                 self._idents["updated_at"] = ", updated_at = now()"
+            if self.read_only:
+                return
             async with conn.transaction():
                 # Two runs starting together must not race to create the schema.
                 await conn.execute(Q.LOCK_MIGRATIONS, self.schema_name)
@@ -169,9 +180,13 @@ class Database:
 
     # -- writes -------------------------------------------------------------------------------
     async def apply_changes(self, run_id: str, changes: Sequence[Change]) -> int:
-        """Merge every change in one transaction and one round trip; journal each. Returns rows written."""
+        """Merge every change in one transaction and one round trip; journal each. Returns rows
+        written. Changes with an expectation (apply, undo) are written only to rows that hold it."""
+        expected = [c for c in changes if c.expect is not None]
+        changes = [c for c in changes if c.expect is None]
+        written = await self._apply_expected(run_id, expected) if expected else 0
         if not changes:
-            return 0
+            return written
         cols: list[list[str | None]] = [[], [], [], [], [], [], []]
         for c in changes:
             cols[0].append(c.artifact_id)
@@ -182,8 +197,48 @@ class Database:
             cols[5].append(to_json(c.detail or {}))
             cols[6].append(c.change_id)
         async with self._pool.acquire() as conn, conn.transaction():
-            written = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
-        return len(written)
+            rows = await conn.fetch(self._sql(Q.APPLY_CHANGES), run_id, *cols)
+        return written + len(rows)
+
+    async def _apply_expected(self, run_id: str, changes: Sequence[Change]) -> int:
+        cols: list[list[Any]] = [[] for _ in range(11)]
+        for c in changes:
+            expect = c.expect or {}
+            for k, v in enumerate((c.artifact_id, c.outcome, c.set_file_path or c.file_path is not None, c.file_path,
+                                   "file_path" in expect, expect.get("file_path"), to_json(expect.get("metadata") or {}),
+                                   to_json(c.patch), to_json(list(c.unset)), to_json(c.detail or {}), c.change_id)):
+                cols[k].append(v)
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(self._sql(Q.APPLY_EXPECTED), run_id, *cols)
+        return len(rows)
+
+    async def rows_by_id(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{id: {"file_path", "metadata"}} of the rows that exist (read in a read-only transaction)."""
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            rows = await conn.fetch(self._sql(Q.ROWS_BY_ID), list(ids))
+        return {r["id"]: {"file_path": r["file_path"], "metadata": json.loads(r["metadata"])} for r in rows}
+
+    async def rows_with_file_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of these paths some row names as its file."""
+        return {r["file_path"] for r in await self._pool.fetch(self._sql(Q.ROWS_WITH_FILE_PATHS), list(paths))}
+
+    async def has_state(self) -> bool:
+        """Whether the tool's schema exists (a read-only run may find none)."""
+        return bool(await self._pool.fetchval(Q.HAS_STATE_SCHEMA, self._idents["schema"]))
+
+    async def run_info(self, run_id: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(self._sql(Q.RUN_EXISTS), run_id)
+        return dict(row) if row else None
+
+    async def run_journal(self, run_id: str) -> list[dict[str, Any]]:
+        """Every change a run wrote, directly or by `apply` of its changeset, oldest first."""
+        out = []
+        for r in await self._pool.fetch(self._sql(Q.RUN_JOURNAL), run_id):
+            d = dict(r)
+            d["before_metadata"] = json.loads(d["before_metadata"])
+            d["after_metadata"] = json.loads(d["after_metadata"])
+            out.append(d)
+        return out
 
     # -- recovery rows ---------------------------------------------------------------------------
     async def recovery_rows(self, types: Sequence[str], page_size: int) -> list[dict[str, Any]]:

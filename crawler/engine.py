@@ -43,11 +43,14 @@ def new_run_id(command: str) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}Z-{command}-{secrets.token_hex(3)}"
 
 
-async def open_database(cfg: Config) -> Database:
+async def open_database(cfg: Config, read_only: bool = False) -> Database:
+    """The database, its tool schema migrated; `read_only`: only read, in read-only
+    transactions, and nothing created (a plan, a changeset run, a dry run)."""
     db = await Database.connect(cfg["db"]["dsn"], cfg["db"]["artifacts_table"], cfg["db"]["state_schema"],
                                 cfg["db"]["connect_timeout_s"], statement_timeout_s=cfg["db"]["statement_timeout_s"],
                                 lock_timeout_s=cfg["db"]["lock_timeout_s"],
-                                idle_in_transaction_timeout_s=cfg["db"]["idle_in_transaction_timeout_s"])
+                                idle_in_transaction_timeout_s=cfg["db"]["idle_in_transaction_timeout_s"],
+                                read_only=read_only)
     try:
         await db.prepare()
     except BaseException:
@@ -152,8 +155,8 @@ def _lean(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in ("failed_rows",)}
 
 
-async def with_database(cfg: Config, body: Callable[[Database], Awaitable[int]]) -> int:
-    db = await open_database(cfg)
+async def with_database(cfg: Config, body: Callable[[Database], Awaitable[int]], read_only: bool = False) -> int:
+    db = await open_database(cfg, read_only)
     try:
         return await body(db)
     finally:

@@ -106,8 +106,10 @@ class Sink:
 
     def __init__(self, db: Database, run_id: str, flush_rows: int, flush_interval_s: float,
                  on_written: Callable[[list[Change]], None] | None = None, outage_max_s: float = float("inf"),
-                 on_outage_over: Callable[[str], None] | None = None) -> None:
-        self._db = db
+                 on_outage_over: Callable[[str], None] | None = None, writer: Any = None) -> None:
+        # Where batches go: the database, or (a read-only repair) a changeset file that has the
+        # same apply_changes(run_id, changes) (crawler/changeset.py).
+        self._writer = writer if writer is not None else db
         self._run_id = run_id
         self._flush_rows = flush_rows
         self._interval = flush_interval_s
@@ -192,7 +194,7 @@ class Sink:
             while self._buffer:
                 batch = self._buffer[: self._flush_rows]
                 try:
-                    await self._db.apply_changes(self._run_id, batch)
+                    await self._writer.apply_changes(self._run_id, batch)
                 except DataError as exc:
                     # One row the database refuses must not hold back every outcome behind it:
                     # write the batch row by row and set aside only the row that fails.
@@ -209,7 +211,7 @@ class Sink:
     async def _one_by_one(self, batch: list[Change]) -> list[Change]:
         for change in batch:
             try:
-                await self._db.apply_changes(self._run_id, [change])
+                await self._writer.apply_changes(self._run_id, [change])
             except DataError as exc:
                 self.refused.append(change.artifact_id)
                 log.error("row.write_refused", artifact_id=change.artifact_id, outcome=change.outcome,

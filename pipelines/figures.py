@@ -29,6 +29,7 @@ from yarl import URL
 
 from crawler import engine, files, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
+from crawler.changeset import ChangesetFile, ChangesetWriter
 from crawler.committer import Committer, PlacedFile, close_bounded
 from crawler.config import Config
 from crawler.db import Change, Database, DatabaseError, is_connection_error
@@ -52,6 +53,7 @@ class FigureOptions:
     limit: int | None = None
     host: str | None = None
     retry_failed: bool = False
+    changeset: Path | None = None  # read-only repair: row changes go to this file (crawler/changeset.py)
 
 
 @dataclass
@@ -88,8 +90,12 @@ class FigureJob:
         self.repo = GitRepo(self.root, cfg["artifacts"]["git_timeout_s"], cfg["artifacts"]["commit_author_name"],
                             cfg["artifacts"]["commit_author_email"], cfg["artifacts"]["commit_command"],
                             cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
+        # With a changeset the database is only read: outcomes go to the file, and rows the file
+        # already holds (an earlier run of the same changeset) are not taken again.
+        self.changes = ChangesetFile(opts.changeset) if opts.changeset is not None else None
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
-                         outage_max_s=cfg["db"]["outage_max_s"], on_outage_over=self._give_up)
+                         outage_max_s=cfg["db"]["outage_max_s"], on_outage_over=self._give_up,
+                         writer=ChangesetWriter(db, self.changes) if self.changes is not None else None)
         self.committer = Committer(self.repo, self.sink, cfg["artifacts"]["commit_batch"],
                                    cfg["artifacts"]["commit_interval_s"], run_id, self._stamp_fetched, "figures",
                                    cfg["artifacts"]["max_uncommitted"], cfg["artifacts"]["fsync"])
@@ -190,6 +196,67 @@ class FigureJob:
                 why = str(exc) if isinstance(exc, DatabaseError) else f"closing the {name} failed: {type(exc).__name__}: {exc}"
             self.fatal = self.fatal or why
 
+    # -- a plan: what a run would do, without a request or a write --------------------------------------
+    async def plan_only(self) -> dict[str, Any]:
+        """Rows per budget and host that a run would try now (rows whose file is on disk, or that
+        the changeset already holds, cost no request), and the least time the budgets allow: a
+        row takes one request at least (HEAD), two when the file exists (HEAD, GET). Reads the
+        database only; nothing is written, nothing is sent."""
+        no_url, bad = await self.db.figure_skipped()
+        eligible = await self.db.figure_hosts(self._now_iso, self.opts.retry_failed, self.opts.host)
+        per_host: dict[str, Counter[str]] = defaultdict(Counter)
+        for group in (sorted(h for h in eligible if h is not None), None):
+            if group is not None and not group:
+                continue
+            if group is None and None not in eligible:
+                continue
+            after = ""
+            while True:
+                rows = await self.db.figure_page(group, after, self.cfg["db"]["page_size"], self._now_iso,
+                                                 self.opts.retry_failed)
+                if not rows:
+                    break
+                after = rows[-1]["id"]
+                for row in rows:
+                    row["candidates"] = self._candidates(row)
+                present, _found = await files.look(self.root, [
+                    (paths.recorded(self.root, r["file_path"]),
+                     list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
+                for row, is_present in zip(rows, present):
+                    counts = per_host[row["host"] or UNPARSEABLE]
+                    if self.changes is not None and self.changes.holds(row["id"]):
+                        counts["in_changeset"] += 1
+                    elif is_present:
+                        counts["present"] += 1
+                    else:
+                        counts["to_try"] += 1
+        budgets: dict[str, dict[str, Any]] = {}
+        for host, counts in sorted(per_host.items()):
+            name = UNPARSEABLE if host == UNPARSEABLE else self.budgets.name_for(host)
+            spec = name.split(":", 1)[0]
+            rate = next((s.rate_per_s for s in self.cfg.budgets if s.name == spec), 1.0) if name != UNPARSEABLE else None
+            b = budgets.setdefault(name, {"hosts": [], "rows": 0, "rate_per_s": rate, "max_inflight": next(
+                (s.max_inflight for s in self.cfg.budgets if s.name == spec), 1) if rate else 0})
+            b["hosts"].append(host)
+            b["rows"] += counts["to_try"]
+        for b in budgets.values():
+            rate = b["rate_per_s"]
+            b["least_s"] = b["rows"] / rate if rate else 0.0
+            b["if_all_exist_s"] = 2 * b["rows"] / rate if rate else 0.0
+        slowest = max(budgets.items(), key=lambda kv: kv[1]["least_s"], default=(None, {"least_s": 0.0, "if_all_exist_s": 0.0}))
+        limit = self.opts.limit
+        total = sum(c["to_try"] for c in per_host.values())
+        return {
+            "to_try": min(total, limit) if limit else total, "eligible": sum(eligible.values()),
+            "present": sum(c["present"] for c in per_host.values()),
+            "in_changeset": sum(c["in_changeset"] for c in per_host.values()),
+            "no_url": no_url, "bad_metadata": len(bad), "limit": limit,
+            "per_host": {h: dict(c) for h, c in sorted(per_host.items())},
+            "budgets": budgets,
+            "slowest_budget": slowest[0], "least_s": slowest[1]["least_s"],
+            "if_all_exist_s": max((b["if_all_exist_s"] for b in budgets.values()), default=0.0),
+        }
+
     # -- planning and producing ---------------------------------------------------------------------
     async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:
         no_url, bad = await self.db.figure_skipped()
@@ -231,6 +298,9 @@ class FigureJob:
                     (paths.recorded(self.root, r["file_path"]),
                      list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
                 for row, is_present, found in zip(rows, present, on_disk):
+                    if self.changes is not None and self.changes.holds(row["id"]):
+                        self.tally.counts["in_changeset"] += 1
+                        continue
                     if is_present:
                         self.tally.counts["present"] += 1
                         continue
@@ -462,6 +532,8 @@ class FigureJob:
             "unrecorded": (self.unrecorded.as_list() + self.committer.unrecorded.as_list()
                            + self.sink.unrecorded.as_list()),
             **({"fatal": self.fatal} if self.fatal else {}),
+            **({"changeset": str(self.changes.path), "changeset_lines": self.changes.lines,
+                "in_changeset": c["in_changeset"]} if self.changes is not None else {}),
         }
 
 

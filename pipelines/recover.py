@@ -25,6 +25,7 @@ import structlog
 
 from crawler import evidence as ev
 from crawler import files, localsearch, paths, sink as contract
+from crawler.changeset import ChangesetFile, ChangesetWriter, overlay_of, with_overlay
 from crawler.committer import Committer, PlacedFile, close_bounded
 from crawler.config import Config
 from crawler.db import Change, Database
@@ -33,6 +34,7 @@ from crawler.git import GitError, GitRepo, History
 from crawler.sink import Sink, utcnow
 from crawler.unrecorded import Unrecorded
 from pipelines import tarballs
+from pipelines.tarballs import MemoryManifests
 
 log = structlog.get_logger()
 
@@ -47,6 +49,7 @@ class ChangedWhileBinding(OSError):
 class RecoverOptions:
     plan: bool = False
     approve: Path | None = None
+    changeset: Path | None = None  # read-only repair: row changes go to this file (crawler/changeset.py)
 
 
 @dataclass
@@ -74,8 +77,16 @@ class RecoverJob:
                             cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
         self.history = History(GitRepo(self.checkout, cfg["artifacts"]["git_timeout_s"], "", ""))
         self.folder = Path(cfg["report"]["dir"]) / run_id
+        # With a changeset the database is only read: changes go to the file, and the rows are
+        # seen as the file's earlier lines left them (a rerun of the same changeset resumes).
+        self.changes = ChangesetFile(opts.changeset) if opts.changeset is not None else None
+        self.overlay: dict[str, dict[str, Any]] = {}
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
-                         outage_max_s=cfg["db"]["outage_max_s"])
+                         outage_max_s=cfg["db"]["outage_max_s"],
+                         writer=ChangesetWriter(db, self.changes, self.overlay) if self.changes is not None else None)
+        # Tarball manifests live in our schema; a plan or a changeset run writes nothing there and
+        # keeps this run's in memory.
+        self.manifests: Any = MemoryManifests() if opts.plan or self.changes is not None else db
         self.committer = Committer(self.repo, self.sink, rec["commit_batch"], cfg["artifacts"]["commit_interval_s"],
                                    run_id, self._stamp, "recovered files", cfg["artifacts"]["max_uncommitted"],
                                    cfg["artifacts"]["fsync"])
@@ -180,6 +191,9 @@ class RecoverJob:
     # -- rows and expectations ------------------------------------------------------------------
     async def _load(self) -> dict[str, RowState]:
         rows = await self.db.recovery_rows(list(self.rules), self.cfg["db"]["page_size"])
+        if self.changes is not None:
+            self.overlay.update(overlay_of(self.changes, {r["id"] for r in rows}))
+            rows = [with_overlay(r, self.overlay.get(r["id"])) for r in rows]
         # A recorded path counts only inside the root, and not through a link: `/etc/hosts` or
         # `../x` is no row's file.
         recorded = {r["id"]: paths.recorded(self.root, r["file_path"]) for r in rows}
@@ -216,7 +230,7 @@ class RecoverJob:
         if self.rec["git_history"]:
             jobs.append(localsearch.history_candidates(self.history, wanted))
             self.searched["history"] = True
-        jobs.append(tarballs.search(self.cfg, self.db, self.run_id, wanted, self.searched))
+        jobs.append(tarballs.search(self.cfg, self.manifests, self.run_id, wanted, self.searched))
         found = await asyncio.gather(*jobs)
         candidates = [c for batch in found for c in batch]
         for source in self.searched.get("unread", []):
@@ -412,6 +426,8 @@ class RecoverJob:
         confidence = Counter(s.decision.confidence for s in states.values()
                              if s.decision and s.decision.status == "bound" and s.file_path and s.decision.confidence)
         return {"per_type": per_type, "plan": self.opts.plan, "confidence": dict(confidence),
+                **({"changeset": str(self.changes.path), "changeset_lines": self.changes.lines}
+                   if self.changes is not None else {}),
                 "searched": self.searched, "commits": self.committer.commits,
                 "commit_failed_files": self.committer.failed_files, "interrupted": self._stopping,
                 # Work attempted but not recorded (exit 3): binds, commits, database writes, sources.

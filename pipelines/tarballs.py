@@ -27,6 +27,38 @@ log = structlog.get_logger()
 MANIFEST_BATCH = 10_000  # member rows per COPY while scanning
 
 
+class MemoryManifests:
+    """Manifests kept for this run only, in memory, for a run that may not write the database
+    (a plan, a changeset): the tarballs are read again by the next such run. Only the members
+    that were extracted are kept."""
+
+    def __init__(self) -> None:
+        self._extracted: dict[str, list[dict[str, Any]]] = {}
+        self._n = 0
+
+    async def manifest_find(self, s3_url: str, etag: str, size: int) -> None:
+        return None
+
+    async def manifest_open(self, s3_url: str, etag: str, size: int, run_id: str) -> str:
+        self._n += 1
+        manifest_id = f"{run_id}-{self._n}"  # a staging folder of its own, never a stored manifest's
+        self._extracted[manifest_id] = []
+        return manifest_id
+
+    async def manifest_add_members(self, records: list[tuple[Any, ...]]) -> None:
+        for manifest_id, _idx, path, norm_path, size, _type, _skipped, sha256, staging_path in records:
+            if sha256 is not None:
+                self._extracted[manifest_id].append({"path": path, "norm_path": norm_path, "size": size,
+                                                     "sha256": sha256, "staging_path": staging_path})
+
+    async def manifest_close(self, manifest_id: str, error: str | None, members: int) -> None:
+        pass
+
+    async def manifest_extracted(self, manifest_id: str) -> list[dict[str, Any]]:
+        latest = {m["norm_path"]: m for m in self._extracted[manifest_id]}  # a later duplicate wins, as in tar
+        return [latest[k] for k in sorted(latest)]
+
+
 def storable(text: str) -> str:
     """A member name as PostgreSQL text: bytes that are not UTF-8 (kept by tarfile as surrogates)
     are written as \\xNN, so one odd name cannot stop a manifest."""

@@ -63,7 +63,7 @@ PREFER_KEY_ORDER = "set local enable_sort = off; set local enable_seqscan = off"
 
 # One keyset page of eligible rows whose host is in $3 ($3 null: rows whose host cannot be parsed).
 FIGURE_PAGE = f"""
-select a.id, a.file_path, a.metadata->'image_url' as image_url,
+select a.id, a.file_path, a.metadata->'image_url' as image_url, {HOST_EXPR} as host,
        a.metadata->'paper_id' as paper_id, a.metadata->'pmcid' as pmcid,
        a.metadata->'figure_label' as figure_label
 from {{table}} a
@@ -111,6 +111,59 @@ select $1, i.id, i.outcome, b.file_path, u.file_path,
 from input i join before b on b.id = i.id join updated u on u.id = i.id
 returning artifact_id"""
 
+# Changes that must find the row as they expect it (apply, undo): $2.. per change: id, outcome,
+# whether to set file_path, the file_path, whether to check file_path, the file_path expected,
+# the metadata keys expected (JSON object; null = absent or null), keys to set (object), keys to
+# remove (array), detail, change id. The expectation is checked in the UPDATE's own WHERE, so a
+# row changed by another session meanwhile is re-checked on its newest version, and skipped.
+APPLY_EXPECTED = """
+with input as (
+  select t.id, t.outcome, t.set_fp, t.file_path, t.check_fp, t.expect_fp, t.expect::jsonb as expect,
+         t.patch::jsonb as patch, t.unset::jsonb as unset, t.detail::jsonb as detail, t.change_id
+  from unnest($2::text[], $3::text[], $4::bool[], $5::text[], $6::bool[], $7::text[], $8::text[], $9::text[],
+              $10::text[], $11::text[], $12::text[])
+    as t(id, outcome, set_fp, file_path, check_fp, expect_fp, expect, patch, unset, detail, change_id)
+  where t.change_id is null or not exists (select 1 from {schema}.journal j where j.change_id = t.change_id)
+), before as (
+  select a.id, a.file_path, a.metadata from {table} a join input i on a.id = i.id
+), updated as (
+  update {table} a set
+    file_path = case when i.set_fp then i.file_path else a.file_path end,
+    metadata = (a.metadata - array(select jsonb_array_elements_text(i.unset))) || i.patch
+    {updated_at}
+  from input i
+  where a.id = i.id and jsonb_typeof(a.metadata) = 'object'
+    and (not i.check_fp or a.file_path is not distinct from i.expect_fp)
+    and not exists (select 1 from jsonb_each(i.expect) e where coalesce(a.metadata->e.key, 'null'::jsonb) <> e.value)
+  returning a.id, a.file_path, a.metadata
+)
+insert into {schema}.journal
+  (run_id, artifact_id, outcome, before_file_path, after_file_path, before_metadata, after_metadata, detail, change_id)
+select $1, i.id, i.outcome, b.file_path, u.file_path,
+  (select coalesce(jsonb_object_agg(k, b.metadata->k), '{{}}'::jsonb)
+     from (select jsonb_object_keys(i.patch) union select jsonb_array_elements_text(i.unset)) ks(k)
+     where b.metadata ? k),
+  (select coalesce(jsonb_object_agg(k, u.metadata->k), '{{}}'::jsonb)
+     from (select jsonb_object_keys(i.patch) union select jsonb_array_elements_text(i.unset)) ks(k)
+     where u.metadata ? k),
+  i.detail, i.change_id
+from input i join before b on b.id = i.id join updated u on u.id = i.id
+returning artifact_id"""
+
+# Rows as they stand, by id (a changeset's before; apply and undo's checks).
+ROWS_BY_ID = "select a.id, a.file_path, a.metadata from {table} a where a.id = any($1::text[])"
+
+# What a run wrote, directly or through `apply` of its changeset, oldest first.
+RUN_JOURNAL = """
+select j.id, j.run_id, j.artifact_id, j.outcome, j.before_file_path, j.after_file_path,
+       j.before_metadata, j.after_metadata
+from {schema}.journal j
+where j.run_id = $1 or (j.detail ? 'from_run' and j.detail->>'from_run' = $1)
+order by j.id"""
+ROWS_WITH_FILE_PATHS = "select distinct a.file_path from {table} a where a.file_path = any($1::text[])"
+RUN_EXISTS = "select run_id, command, status from {schema}.runs where run_id = $1"
+HAS_STATE_SCHEMA = "select to_regclass($1::text || '.journal') is not null"
+
 LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"
 
 # -- the recovery job ---------------------------------------------------------------------------
@@ -122,7 +175,10 @@ where a.artifact_type = any($1::text[]) and a.id > $2::text
 order by a.id
 limit $3"""
 
-HAS_REFERENCES = "select to_regclass('artifact_references') is not null"
+# (A role that may not read it, as a read-only repair's may not, is as if it had none.)
+HAS_REFERENCES = """
+select case when to_regclass('artifact_references') is null then false
+  else has_table_privilege(to_regclass('artifact_references'), 'select') end"""
 
 LATEST_REFERENCES = """
 select distinct on (artifact_id) artifact_id, source_kind, source_id, referenced_at
