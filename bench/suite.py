@@ -178,12 +178,14 @@ def tree_rss_kb(root_pid: int) -> int:
     this follows parent links rather than a process group."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
+    cmdlines: dict[int, bytes] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             status = Path(f"/proc/{entry}/status").read_text()
+            cmdlines[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         parents[int(entry)] = int(stat[1])
@@ -191,7 +193,11 @@ def tree_rss_kb(root_pid: int) -> int:
     total, todo = 0, [root_pid]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        # A child caught between fork and exec still runs its parent's program on its parent's
+        # pages (copy-on-write, or the very same ones after vfork): counting its RSS would count
+        # the parent twice. Such a child has its parent's command line.
+        if pid == root_pid or cmdlines.get(pid) != cmdlines.get(parents.get(pid, -1)):
+            total += rss.get(pid, 0)
         todo += [child for child, parent in parents.items() if parent == pid]
     return total
 

@@ -123,6 +123,8 @@ class ChangesetFile:
                 yield line_no, parse_line(raw, self.path, line_no)
 
     def entries(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():  # a run with a new changeset: nothing yet
+            return
         for _line_no, entry in self._read():
             yield entry
 

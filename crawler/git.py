@@ -160,6 +160,17 @@ class GitRepo:
                     os.close(lock_fd)
             return await self._on_git_thread(self._commit_pack, gitdir, batches, known or {}, expected or {})
 
+    async def remove_paths(self, paths: Sequence[str], message: str) -> str | None:
+        """One commit taking `paths` off the branch (history keeps them), the checkout's index in
+        step; each file is removed from the work tree too if it still holds what the branch held.
+        Returns the commit (None: the branch held none of them). For `undo --revert-commits`: a
+        rare step an operator asks for, so plain git commands on a temporary index do it."""
+        if "GIT_DIR" not in self._env:
+            await self.check()
+        async with self._lock:
+            gitdir = await self.git_dir()
+            return await self._on_git_thread(self._remove_paths, gitdir, list(paths), message)
+
     async def _on_git_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="git",
@@ -251,6 +262,57 @@ class GitRepo:
                     return made
             raise GitError("the branch kept moving while committing; try again")
         finally:
+            os.close(lock_fd)
+
+    def _remove_paths(self, gitdir: Path, paths: list[str], message: str) -> str | None:
+        lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
+        temp_index = gitdir / f"crawler-revert-index-{os.getpid()}"
+        try:
+            with IndexLock(gitdir, self.timeout_s, self.warnings) as index:
+                tip = self._tip_now()
+                if tip is None:
+                    return None
+                held: dict[str, str] = {}
+                for i in range(0, len(paths), 500):
+                    listed = self._git_bytes("ls-tree", "-z", tip, "--", *paths[i:i + 500])
+                    for entry in filter(None, listed.split(b"\0")):
+                        meta, _, path = entry.partition(b"\t")
+                        if meta.split(b" ")[1] == b"blob":
+                            held[path.decode("utf-8", "surrogateescape")] = meta.split(b" ")[2].decode()
+                if not held:
+                    return None
+                listing = b"".join(_bytes(p) + b"\0" for p in sorted(held))
+                env = {**self._env, "GIT_INDEX_FILE": str(temp_index)}
+                self._git_bytes("read-tree", tip, env=env)
+                self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=listing, env=env)
+                tree = self._git_bytes("write-tree", env=env).decode().strip()
+                commit = self._git_bytes("commit-tree", tree, "-p", tip, "-m", message).decode().strip()
+
+                def drop(current: Path | None, nxt: Path) -> None:
+                    if current is not None:
+                        shutil.copyfile(current, nxt)
+                    self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=listing,
+                                    env={**self._env, "GIT_INDEX_FILE": str(nxt)})
+                index.stage(drop)
+                try:
+                    self._git("update-ref", "-m", "crawler: undo", self._branch or "", commit, tip)
+                except GitError:
+                    index.restore()
+                    raise
+                index.done()
+            # Off the work tree too, or the next run would find them at their canonical paths and
+            # adopt them again; a file changed since (not what the branch held) is left alone.
+            names = [n for n in sorted(held) if "\n" not in n and (self.root / n).is_file()]
+            if not names:
+                return commit
+            now = self._git_bytes("hash-object", "--no-filters", "--stdin-paths",
+                                  stdin="".join(p + "\n" for p in names).encode("utf-8", "surrogateescape")).split()
+            for name, oid in zip(names, now):
+                if oid.decode() == held[name]:
+                    (self.root / name).unlink(missing_ok=True)
+            return commit
+        finally:
+            temp_index.unlink(missing_ok=True)
             os.close(lock_fd)
 
     def _index_entries(self, entries: Sequence[bytes]) -> list[bytes]:

@@ -249,8 +249,7 @@ class UndoJob(_RepairJob):
                        "", a["split_index"], a["git_min_bytes_per_s"])
         try:
             await repo.check()
-            self.revert_commit = await repo.remove_paths(paths, f"crawler: undo {self.target} ({len(paths)} files)",
-                                                         a["commit_batch"])
+            self.revert_commit = await repo.remove_paths(paths, f"crawler: undo {self.target} ({len(paths)} files)")
         finally:
             await repo.close()
         self.restored_paths = paths

@@ -232,3 +232,79 @@ async def test_a_file_that_is_not_a_changeset_is_one_line_and_exit_2(dsn, tmp_pa
     assert code == 2 and err.count("\n") == 1 and "no such changeset" in err
     code, _, err = await run_cli("undo", "nosuchrun", "--config", str(cfg))
     assert code == 2 and err.count("\n") == 1 and "no run nosuchrun" in err
+
+
+async def test_undo_with_revert_commits_takes_the_runs_files_off_the_branch(dsn, repo, tmp_path):
+    async with UpstreamSimulator() as sim:
+        rows, bodies, gone, flaky = scene(sim)
+        await insert_figures(dsn, rows)
+        original = await rows_by_id(dsn)
+        rw = config(dsn, repo, sim, tmp_path, "rw")
+        code, _, err = await run_cli("figures", "--config", str(rw))
+        assert code == 0, err
+        run = run_id_of(tmp_path, "figures")
+        fetched = await rows_by_id(dsn)
+        paths = sorted(fetched[r]["file_path"] for r in bodies)
+        head = git(repo, "rev-parse", "HEAD")
+
+        frozen = await snapshot(dsn)
+        code, _, err = await run_cli("undo", run, "--dry-run", "--revert-commits", "--config", str(rw))
+        assert code == 0 and "would change 12 rows" in err, err
+        assert await snapshot(dsn) == frozen and git(repo, "rev-parse", "HEAD") == head
+        assert all((repo / p).is_file() for p in paths)
+
+        code, _, err = await run_cli("undo", run, "--revert-commits", "--config", str(rw))
+        assert code == 0, err
+        assert f"{len(paths)} files taken off the branch" in err
+        assert await rows_by_id(dsn) == original
+        assert git(repo, "rev-parse", "HEAD^") == head  # one commit on top
+        tracked = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+        assert not tracked & set(paths)
+        assert set(paths) <= set(git(repo, "ls-tree", "-r", "--name-only", head).split())  # history keeps them
+        assert not any((repo / p).exists() for p in paths)
+        assert git(repo, "status", "--porcelain") == ""
+        assert git(repo, "ls-files") == "\n".join(sorted(tracked)) if tracked else git(repo, "ls-files") == ""
+
+
+async def test_recover_changeset_as_a_select_only_role_then_apply(dsn, repo, tmp_path):
+    from tests.integration.test_recover_local import scene as recover_scene
+    await recover_scene(dsn, repo, tmp_path)
+    original = await rows_by_id(dsn)
+
+    def recover_toml(d: str, name: str) -> Path:
+        tree = {"db": {"dsn": d, "flush_interval_s": 0.05},
+                "artifacts": {"root": str(repo), "commit_interval_s": 0.2, "fsync": False},
+                "recovery": {"checkout": str(repo), "worktrees": [str(tmp_path / "wt" / "*" / "data" / "scidex-artifacts")],
+                             "s3_prefix": "", "staging_dir": str(tmp_path / "staging")},
+                "report": {"dir": str(tmp_path / "reports"), "console": False}}
+        path = tmp_path / f"{name}.toml"
+        path.write_text(to_toml(tree))
+        return path
+
+    ro, rw = recover_toml(await select_only_role(dsn), "ro"), recover_toml(dsn, "rw")
+    changes = tmp_path / "recover.jsonl"
+    frozen = await snapshot(dsn)
+    code, _, err = await run_cli("recover", "--changeset", str(changes), "--config", str(ro))
+    assert code == 0, err
+    assert await snapshot(dsn) == frozen
+    lines = [json.loads(x) for x in changes.read_text().splitlines()]
+    assert sorted(x["artifact_id"] for x in lines) == ["d-certain", "d-high", "d-history", "d-medium", "m-ram"]
+    # Run again with the same changeset: the rows it settled are seen as settled.
+    code, _, err = await run_cli("recover", "--changeset", str(changes), "--config", str(ro))
+    assert code == 0, err
+    assert len(changes.read_text().splitlines()) == len(lines) and await snapshot(dsn) == frozen
+
+    code, _, err = await run_cli("apply", str(changes), "--config", str(rw))
+    assert code == 0 and "changed 5 rows" in err, err
+    rows = await rows_by_id(dsn)
+    for x in lines:
+        rid = x["artifact_id"]
+        assert rows[rid]["metadata"] == {**original[rid]["metadata"], **x["after"]["metadata"]}
+        if "file_path" in x["after"]:
+            assert (repo / rows[rid]["file_path"]).is_file()
+            assert rows[rid]["file_path"] in git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()
+    assert rows["m-ram"]["metadata"]["file_unrecoverable"] is True
+    # A direct run now finds every bound row bound: nothing left to change.
+    code, _, err = await run_cli("recover", "--config", str(rw))
+    assert code == 0, err
+    assert await rows_by_id(dsn) == rows
