@@ -23,6 +23,7 @@ COMMANDS = {
     "run": "figures, then recover, each a run of its own (the default)",
     "report": "print the summary of the last run, or of RUN_ID",
     "demo": "the whole thing end to end on an embedded sandbox, no set-up by hand",
+    "config": "print the effective configuration, secrets masked, each value with where it came from",
     "apply": "apply a reviewed changeset (from --changeset) through the journal",
     "undo": "restore every value a run wrote (directly, or by apply of its changeset), from the journal",
 }
@@ -35,10 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 finished, everything attempted recorded; 1 error; 2 bad configuration or usage; "
                "3 finished, but some work could not be recorded (listed in the summary); "
                "130 interrupted (run again to resume)")
+    parser.add_argument("--version", action="version", version=f"crawler {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML overriding config/default.toml key by key")
     common.add_argument("-v", "--verbose", action="store_true", help="every row's outcome on the console too")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on the console")
+    common.add_argument("--log-level", choices=logs.LEVELS, metavar="LEVEL",
+                        help="the least level shown on the console: debug (every row), info (default), warning, "
+                             "error; the JSON log always has every event")
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--limit", type=int, metavar="N", help="take at most N rows this run")
     job.add_argument("--host", metavar="NAME", help="only rows whose image URL is on this host")
@@ -62,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", parents=[common], help=COMMANDS["report"], description=COMMANDS["report"])
     rep.add_argument("run_id", nargs="?", metavar="RUN_ID")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of summary.md")
+    rep.add_argument("--list", action="store_true", help="list the runs whose reports are under report.dir")
+    conf = sub.add_parser("config", parents=[common], help=COMMANDS["config"], description=COMMANDS["config"])
+    conf.add_argument("--json", action="store_true", help="one JSON object: key -> {value, origin}")
     demo = sub.add_parser("demo", parents=[common], help=COMMANDS["demo"], description=COMMANDS["demo"])
     demo.add_argument("--fresh", action="store_true", help="delete the sandbox and start over")
+    demo.add_argument("--repair", action="store_true",
+                      help="run both jobs as a read-only repair: plan, changeset, apply --dry-run, apply")
     apply = sub.add_parser("apply", parents=[common], help=COMMANDS["apply"], description=COMMANDS["apply"])
     apply.add_argument("file", metavar="FILE", help="the changeset (JSON Lines: artifact_id, before, after)")
     apply.add_argument("--dry-run", action="store_true", help="check every line against the table, change nothing")
@@ -73,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     undo.add_argument("--revert-commits", action="store_true",
                       help="also add one commit taking that run's files off the branch (history keeps them)")
     return parser
+
+
+class UsageError(Exception):
+    """Asked for something that is not there (a run id the journal does not know); one line."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("crawler")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 _SECRETS: tuple[str, ...] = ()  # the loaded configuration's, masked in every line printed
@@ -85,23 +109,28 @@ def fail(message: str, status: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     native.one_malloc_arena()  # before any thread: see native.py
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The bare form runs both jobs: `crawler`, `crawler --config FILE` (options, no command).
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]
     args = build_parser().parse_args(argv)
-    command = args.command or "run"
-    if command == "run" and args.command is None:
-        args = build_parser().parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
+    command = args.command
+    logs.set_console_level("debug" if args.verbose else "warning" if args.quiet else args.log_level or "info")
     try:
         cfg = config_mod.load(args.config)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
+    if command == "config":
+        return print_config(cfg, args.json)
     global _SECRETS
     _SECRETS = cfg.secrets()
     if getattr(args, "limit", None) is not None and args.limit < 1:
         return fail("--limit must be at least 1", engine.EXIT_USAGE)
     if command == "report":
-        return print_report(cfg, args.run_id, args.json)
+        return list_reports(cfg) if args.list else print_report(cfg, args.run_id, args.json)
     if command == "demo":
         from .sandbox import demo
-        return demo.main(cfg, fresh=args.fresh, verbose=args.verbose)
+        return demo.main(cfg, fresh=args.fresh, verbose=args.verbose, repair=args.repair)
     if not cfg["db"]["dsn"]:
         return fail("no database configured: set db.dsn in a --config file or CRAWLER_DSN "
                     "(to see the tool work on its own sandbox: python -m crawler demo)", engine.EXIT_USAGE)
@@ -109,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("apply", "undo"):
             return asyncio.run(run_repair(cfg, command, args))
         return asyncio.run(run_commands(cfg, command, args))
-    except ChangesetError as exc:
+    except (ChangesetError, UsageError) as exc:
         return fail(str(exc), engine.EXIT_USAGE)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
@@ -214,7 +243,7 @@ async def run_repair(cfg: Config, command: str, args: argparse.Namespace) -> int
             make: Any = lambda run_id: ApplyJob(cfg, db, run_id, file, dry)
         else:
             if not await db.has_state() or (await db.run_info(args.run_id) is None and not await db.run_journal(args.run_id)):
-                raise ConfigError(f"no run {args.run_id} in the journal of {cfg['db']['state_schema']}")
+                raise UsageError(f"no run {args.run_id} in the journal of {cfg['db']['state_schema']}")
             make = lambda run_id: UndoJob(cfg, db, run_id, args.run_id, dry, args.revert_commits)
         status, summary = await engine.run_job(cfg, db, command, make, verbose=args.verbose, record_run=not dry)
         print_repair_lines(command, summary)
@@ -276,6 +305,50 @@ def print_unrecorded(summary: dict) -> None:
     for u in summary.get("unrecorded", []):
         where = f" ({u['source']})" if u.get("source") else ""
         print(f"  not recorded: {u['what']}{where}: {u['count']} — {u['why']}", file=sys.stderr)
+
+
+def print_config(cfg: Config, as_json: bool) -> int:
+    """The effective configuration, secrets masked, each value with its origin."""
+    values = config_mod.flatten(cfg.masked())
+    origins = cfg.origins
+    if as_json:
+        print(json.dumps({k: {"value": v, "origin": origins.get(k, "default")} for k, v in values.items()}, indent=2))
+        return engine.EXIT_OK
+    section = None
+    for key, value in values.items():
+        head, _, name = key.rpartition(".")
+        if head != section:
+            print(f"{'' if section is None else chr(10)}[{head}]")
+            section = head
+        print(f"{name} = {json.dumps(value)}    # {origins.get(key, 'default')}")
+    return engine.EXIT_OK
+
+
+def list_reports(cfg: Config) -> int:
+    """One line per run with a report under report.dir, newest last."""
+    root = Path(cfg["report"]["dir"])
+    runs = sorted(p for p in root.iterdir() if (p / "summary.json").is_file()) if root.is_dir() else []
+    if not runs:
+        return fail(f"no reports under {root}/", engine.EXIT_USAGE)
+    print(f"{'run id':<44} {'status':<21} {'duration':>9}  what")
+    for folder in runs:
+        try:
+            s = json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            print(f"{folder.name:<44} {'(unreadable summary)':<21}")
+            continue
+        print(f"{folder.name:<44} {str(s.get('status')):<21} {_hms(float(s.get('duration_s') or 0)):>9}  {_what(s)}")
+    return engine.EXIT_OK
+
+
+def _what(s: dict) -> str:
+    if s.get("command") == "figures":
+        return " ".join(f"{k}={s.get(k, 0)}" for k in ("attempted", "fetched", "hard_404", "transient", "failed"))
+    if s.get("command") == "recover":
+        return "; ".join(f"{t}: {c.get('bound', 0)}/{c.get('rows', 0)} bound" for t, c in sorted(s.get("per_type", {}).items()))
+    if s.get("command") in ("apply", "undo"):
+        return f"changed={s.get('changed', 0)} already={s.get('already', 0)} refused={s.get('refused', 0)}"
+    return ""
 
 
 def print_report(cfg: Config, run_id: str | None, as_json: bool) -> int:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,7 @@ class Config:
 
     raw: dict[str, Any]
     origin: str
+    origins: dict[str, str] = field(default_factory=dict)  # dotted key -> where its value came from (absent: default)
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.raw[section]
@@ -204,10 +205,24 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
         tree = _merge(tree, override, "", origin)
+    origins = {k: origin for k in flatten(override)} if path is not None else {}
     if env.get(ENV_DSN):
         tree["db"]["dsn"] = env[ENV_DSN]
+        origins["db.dsn"] = f"environment ({ENV_DSN})"
     _validate(tree, origin)
-    return Config(tree, origin)
+    return Config(tree, origin, origins)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} for every leaf of a config tree, in its order."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 def from_tree(override: dict[str, Any], origin: str = "<test>") -> Config:

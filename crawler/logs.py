@@ -17,7 +17,26 @@ import structlog
 
 from . import redact
 
-QUIET_ON_CONSOLE = frozenset({"row.outcome"})
+QUIET_ON_CONSOLE = frozenset({"row.outcome"})  # shown at level debug only
+LEVELS = ("debug", "info", "warning", "error")
+_console_level = "info"
+
+
+def set_console_level(level: str) -> None:
+    """The least level shown on the console (the JSON log keeps every event): `-v` is debug,
+    `-q` warning."""
+    global _console_level
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}")
+    _console_level = level
+
+
+def _shown(event: dict[str, Any]) -> bool:
+    level = event.get("level", "info")
+    rank = LEVELS.index(level) if level in LEVELS else len(LEVELS) - 1
+    if event["event"] in QUIET_ON_CONSOLE and level == "info":
+        rank = 0
+    return rank >= LEVELS.index(_console_level)
 FLUSH_EVERY_S = 0.5
 FILE_ONLY_KEYS = frozenset({"config"})  # the effective config is long: the JSON log keeps it
 
@@ -39,7 +58,7 @@ class _Fanout:
         event = redact.deep(event, self.secrets)
         if self.file is not None:
             self._to_file(event)
-        if self.console is not None and (self.verbose or event["event"] not in QUIET_ON_CONSOLE):
+        if self.console is not None and (self.verbose or _shown(event)):
             rest = " ".join(f"{k}={v}" for k, v in event.items()
                             if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)
             try:

