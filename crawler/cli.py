@@ -23,6 +23,8 @@ COMMANDS = {
     "run": "figures, then recover, each a run of its own (the default)",
     "report": "print the summary of the last run, or of RUN_ID",
     "demo": "the whole thing end to end on an embedded sandbox, no set-up by hand",
+    "tail": "follow the newest run's log (or RUN_ID's) as readable lines, until that run ends",
+    "status": "runs going now and recent ones, budgets in flight or paused, rows per type by state (reads only)",
     "config": "print the effective configuration, secrets masked, each value with where it came from",
     "apply": "apply a reviewed changeset (from --changeset) through the journal",
     "undo": "restore every value a run wrote (directly, or by apply of its changeset), from the journal",
@@ -69,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_id", nargs="?", metavar="RUN_ID")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of summary.md")
     rep.add_argument("--list", action="store_true", help="list the runs whose reports are under report.dir")
+    tl = sub.add_parser("tail", parents=[common], help=COMMANDS["tail"], description=COMMANDS["tail"])
+    tl.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    st = sub.add_parser("status", parents=[common], help=COMMANDS["status"], description=COMMANDS["status"])
+    st.add_argument("--json", action="store_true", help="one JSON object: runs (newest first) and rows by type")
+    st.add_argument("--watch", action="store_true", help="show it again every run.heartbeat_s until interrupted")
     conf = sub.add_parser("config", parents=[common], help=COMMANDS["config"], description=COMMANDS["config"])
     conf.add_argument("--json", action="store_true", help="one JSON object: key -> {value, origin}")
     demo = sub.add_parser("demo", parents=[common], help=COMMANDS["demo"], description=COMMANDS["demo"])
@@ -122,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
     if command == "config":
         return print_config(cfg, args.json)
+    if command == "tail":
+        from . import tail
+        try:
+            return tail.follow(Path(cfg["report"]["dir"]), args.run_id, float(cfg["report"]["progress_interval_s"]))
+        except KeyboardInterrupt:
+            return engine.EXIT_INTERRUPTED
     global _SECRETS
     _SECRETS = cfg.secrets()
     if getattr(args, "limit", None) is not None and args.limit < 1:
@@ -135,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("no database configured: set db.dsn in a --config file or CRAWLER_DSN "
                     "(to see the tool work on its own sandbox: python -m crawler demo)", engine.EXIT_USAGE)
     try:
+        if command == "status":
+            return asyncio.run(show_status(cfg, args.json, args.watch))
         if command in ("apply", "undo"):
             return asyncio.run(run_repair(cfg, command, args))
         return asyncio.run(run_commands(cfg, command, args))
@@ -305,6 +320,24 @@ def print_unrecorded(summary: dict) -> None:
     for u in summary.get("unrecorded", []):
         where = f" ({u['source']})" if u.get("source") else ""
         print(f"  not recorded: {u['what']}{where}: {u['count']} — {u['why']}", file=sys.stderr)
+
+
+async def show_status(cfg: Config, as_json: bool, watch: bool) -> int:
+    """`crawler status`: read-only (read-only transactions, nothing created)."""
+    from . import status
+    db = await engine.open_database(cfg, read_only=True)
+    try:
+        while True:
+            state = await status.gather(cfg, db)
+            text = json.dumps(state, indent=2) if as_json else status.render(state)
+            if watch and sys.stdout.isatty():
+                sys.stdout.write("\033[H\033[2J")  # the screen redrawn, not scrolled
+            print(text, flush=True)
+            if not watch:
+                return engine.EXIT_OK
+            await asyncio.sleep(float(cfg["run"]["heartbeat_s"]))
+    finally:
+        await db.close()
 
 
 def print_config(cfg: Config, as_json: bool) -> int:

@@ -140,7 +140,7 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                 ("http", "timeout_s"), ("http", "connect_timeout_s"), ("http", "max_bytes"),
                 ("http", "chunk_bytes"), ("run", "queue_rows"), ("report", "progress_interval_s"),
                 ("db", "flush_interval_s"), ("artifacts", "commit_interval_s"), ("http", "retry_after_max_s"),
-                ("run", "local_failure_limit"), ("artifacts", "git_min_bytes_per_s")]
+                ("run", "local_failure_limit"), ("artifacts", "git_min_bytes_per_s"), ("run", "heartbeat_s")]
     for section, key in positive:
         if not tree[section][key] > 0:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,7 +144,24 @@ class Database:
 
     # -- runs ---------------------------------------------------------------------------------
     async def start_run(self, run_id: str, command: str, config: dict[str, Any]) -> None:
-        await self._pool.execute(self._sql(Q.START_RUN), run_id, command, json.dumps(config))
+        await self._pool.execute(self._sql(Q.START_RUN), run_id, command, json.dumps(config),
+                                 socket.gethostname(), os.getpid())
+
+    async def heartbeat(self, run_id: str, progress: dict[str, Any]) -> None:
+        await self._pool.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
+
+    async def recent_runs(self, limit: int, lost_after_s: float) -> list[dict[str, Any]]:
+        out = []
+        for r in await self._pool.fetch(self._sql(Q.RECENT_RUNS), limit, float(lost_after_s)):
+            d = dict(r)
+            for key in ("progress", "summary"):
+                d[key] = json.loads(d[key]) if d[key] is not None else None
+            out.append(d)
+        return out
+
+    async def row_states(self, now_iso: str) -> list[dict[str, Any]]:
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            return [dict(r) for r in await conn.fetch(self._sql(Q.ROW_STATES), now_iso)]
 
     async def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
         await self._pool.execute(self._sql(Q.FINISH_RUN), run_id, status, json.dumps(summary))

@@ -75,6 +75,7 @@ async def run_job(cfg: Config, db: Database, command: str,
     log.info("run.start", command=command, config=cfg.masked(), report_dir=str(folder))
     job = make_job(run_id)
     signals = 0
+    beat = asyncio.create_task(_heartbeat(db, run_id, job, float(cfg["run"]["heartbeat_s"]))) if record_run else None
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -112,6 +113,9 @@ async def run_job(cfg: Config, db: Database, command: str,
         summary = {"error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
+        if beat is not None:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
         # The handlers stay until the very end: a signal while the summary and the run's row are
         # written must not kill the process half-way (a third one still exits at once).
         summary = {"run_id": run_id, "command": command, "status": status, "started_at": iso(started),
@@ -130,6 +134,23 @@ async def run_job(cfg: Config, db: Database, command: str,
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     return EXIT_FOR[status], summary
+
+
+async def _heartbeat(db: Database, run_id: str, job: Job, every_s: float) -> None:
+    """The run's row says it is alive, and where it stands, every `every_s`: `crawler status`
+    shows live counts, and a run that stopped beating (killed) as `lost`. A beat that cannot
+    be written (the database away) is skipped; the run goes on."""
+    said = False
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            progress = job.progress() if hasattr(job, "progress") else {}
+            await asyncio.wait_for(db.heartbeat(run_id, progress), max(every_s, 1.0) * 2)
+            said = False
+        except Exception as exc:
+            if not said:
+                log.warning("run.heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
+                said = True
 
 
 async def _finish_run(db: Database, run_id: str, status: str, summary: dict[str, Any], outage_max_s: float) -> None:

@@ -59,11 +59,8 @@ class _Fanout:
         if self.file is not None:
             self._to_file(event)
         if self.console is not None and (self.verbose or _shown(event)):
-            rest = " ".join(f"{k}={v}" for k, v in event.items()
-                            if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)
             try:
-                self.console.write(f"{event['timestamp'][11:19]} {event.get('level', 'info'):5} "
-                                   f"{event['event']} {rest}\n")
+                self.console.write(render_line(event) + "\n")
                 self.console.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken terminal: the JSON log still has it
@@ -97,6 +94,13 @@ class _Fanout:
                 except (OSError, ValueError):
                     pass  # stderr on the same full disk: nothing more to say
             self._failed_at = now  # what the file's buffer still holds goes out with a later flush
+
+
+def render_line(event: dict[str, Any]) -> str:
+    """One event as a readable console line: `HH:MM:SS level event key=value ...`."""
+    rest = " ".join(f"{k}={v}" for k, v in event.items()
+                    if k not in ("event", "timestamp", "run_id", "level") and k not in FILE_ONLY_KEYS)
+    return f"{str(event.get('timestamp', ''))[11:19]} {event.get('level', 'info'):5} {event.get('event')} {rest}".rstrip()
 
 
 RETRY_FILE_S = 1.0  # a log file that failed is tried again this long after

@@ -21,6 +21,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -505,8 +506,12 @@ class FigureJob:
             "counts": {k: self.tally.counts[k] for k in ("fetched", "hard_404", "transient", "failed")},
             "commit_pending": self.committer.pending, "sink_pending": self.sink.pending,
             "budgets": {b.name: {"queue": self._queues[b.name].qsize() if b.name in self._queues else 0,
-                                 "inflight": b.stats.inflight, "paused_s": round(b.paused_for_s, 2)}
+                                 "inflight": b.stats.inflight, "paused_s": round(b.paused_for_s, 2),
+                                 "requests": b.stats.started,
+                                 **({"paused_until": iso(utcnow() + timedelta(seconds=b.paused_for_s))}
+                                    if b.paused_for_s > 0 else {})}
                         for b in self.budgets.all()},
+            "commits": self.committer.commits,
         }
 
     def _summary(self, interrupted: bool) -> dict[str, Any]:

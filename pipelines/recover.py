@@ -95,6 +95,8 @@ class RecoverJob:
         self.unrecorded = Unrecorded()
         self.planned: list[dict[str, Any]] = []
         self.phase = "starting"
+        self.rows_total = 0
+        self.rows_decided = 0
         self._search_task: asyncio.Task[list[Candidate]] | None = None
 
     def stop(self) -> None:
@@ -120,11 +122,20 @@ class RecoverJob:
     async def _progress(self) -> None:
         while True:
             await asyncio.sleep(self.cfg["report"]["progress_interval_s"])
-            log.info("progress", phase=self.phase, **{k: v for k, v in self.searched.items()})
+            log.info("progress", **self.progress())
+
+    def progress(self) -> dict[str, Any]:
+        """Where the run stands: its phase, what it searched, the tarball being read (bytes read
+        of its size), rows decided and bound so far."""
+        return {"phase": self.phase, **{k: v for k, v in self.searched.items()},
+                "rows": self.rows_total, "decided": self.rows_decided,
+                "commits": self.committer.commits, "commit_pending": self.committer.pending}
 
     async def _run(self) -> dict[str, Any]:
         self.phase = "loading rows"
         states = await self._load()
+        self.rows_total = len(states)
+        self.rows_decided = sum(1 for s in states.values() if s.decision is not None)
         self.phase = "searching"
         todo = [s for s in states.values() if s.expectation is not None and s.decision is None]
         self._search_task = asyncio.create_task(self._search([s.expectation for s in todo if s.expectation]))
@@ -161,6 +172,7 @@ class RecoverJob:
             self.sink.start()
             self.committer.start()
         try:
+            self.rows_decided = len(states)
             for s in states.values():
                 if self._stopping:
                     break

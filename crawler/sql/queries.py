@@ -37,7 +37,42 @@ TABLE_COLUMNS = """
 select column_name from information_schema.columns
 where table_schema = current_schema() and table_name = $1"""
 
-START_RUN = "insert into {schema}.runs (run_id, command, config) values ($1, $2, $3::jsonb)"
+START_RUN = """
+insert into {schema}.runs (run_id, command, config, host, pid, heartbeat_at)
+values ($1, $2, $3::jsonb, $4, $5, now())"""
+HEARTBEAT = """
+update {schema}.runs set heartbeat_at = now(), progress = $2::jsonb where run_id = $1 and status = 'running'"""
+
+# The newest runs, a running one silent for longer than $2 seconds shown as lost.
+RECENT_RUNS = """
+select run_id, command, started_at, finished_at, heartbeat_at, progress, host, pid, summary,
+  case when status = 'running' and coalesce(heartbeat_at, started_at) < now() - make_interval(secs => $2)
+       then 'lost' else status end as status
+from {schema}.runs
+order by started_at desc, run_id desc
+limit $1"""
+
+# Rows per type by state, as their columns say (one pass over the table). $1 = now (ISO-8601
+# text, as the figure queue compares it).
+ROW_STATES = """
+select a.artifact_type as type, count(*) as rows,
+  count(*) filter (where jsonb_typeof(a.metadata) = 'object'
+                   and a.metadata->'image_unavailable' = 'true'::jsonb) as unavailable,
+  count(*) filter (where a.file_path is not null and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
+                   and coalesce(a.metadata->>'image_fetch_outcome', 'fetched') = 'fetched') as with_file,
+  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'transient'
+                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
+                   and coalesce(a.metadata->>'image_next_attempt_at', '') <= $1::text) as transient_due,
+  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'transient'
+                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
+                   and coalesce(a.metadata->>'image_next_attempt_at', '') > $1::text) as transient_later,
+  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'failed'
+                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)) as failed,
+  count(*) filter (where jsonb_typeof(a.metadata) = 'object'
+                   and a.metadata->'file_unrecoverable' = 'true'::jsonb) as unrecoverable
+from {table} a
+group by 1
+order by 1"""
 FINISH_RUN = """
 update {schema}.runs set finished_at = now(), status = $2, summary = $3::jsonb where run_id = $1"""
 

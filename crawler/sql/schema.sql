@@ -6,10 +6,15 @@ create table if not exists {schema}.runs (
   command      text not null,
   started_at   timestamptz not null default now(),
   finished_at  timestamptz,
-  status       text not null default 'running',   -- running | finished | finished_with_errors | interrupted | failed
+  status       text not null default 'running',   -- running | finished | finished_with_errors | interrupted | failed (lost: computed)
   config       jsonb not null default '{}'::jsonb,
-  summary      jsonb
+  summary      jsonb,
+  heartbeat_at timestamptz,                        -- a running run's latest sign of life (run.heartbeat_s)
+  progress     jsonb,                              -- and where it stood then
+  host         text,
+  pid          int
 );
+create index if not exists runs_started_idx on {schema}.runs (started_at desc);
 
 create table if not exists {schema}.journal (
   id               bigserial primary key,
@@ -27,6 +32,7 @@ create table if not exists {schema}.journal (
 create index if not exists journal_artifact_idx on {schema}.journal (artifact_id);
 create unique index if not exists journal_change_idx on {schema}.journal (change_id);
 create index if not exists journal_run_idx on {schema}.journal (run_id);
+create index if not exists journal_from_run_idx on {schema}.journal ((detail->>'from_run')) where detail ? 'from_run';
 
 -- Every member header of every S3 tarball read, so no later question re-reads a tarball.
 -- A manifest is keyed by key + ETag + size; `complete` is set only after the last member.
