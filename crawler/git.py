@@ -252,7 +252,8 @@ class GitRepo:
                                 raise  # not moved: the ref cannot be written (a stale lock, a full disk)
                     index.done()
                     if self._new_shared is not None:  # superseded shared parts, as git expires them
-                        gitindex.expire_shared(gitdir, keep={self._new_shared})
+                        expire = self._git("config", "--get", "splitIndex.sharedIndexExpire", absent_ok=True)
+                        gitindex.expire_shared(gitdir, keep={self._new_shared}, expire_s=gitindex.expiry_s(expire))
                         self._new_shared = None
                     # Only now, with the index published and the branch moved, is the older
                     # version's intent log repaired for good.
@@ -290,7 +291,7 @@ class GitRepo:
 
                 def drop(current: Path | None, nxt: Path) -> None:
                     if current is not None:
-                        shutil.copyfile(current, nxt)
+                        shutil.copy2(current, nxt)  # its time too: git's racily-clean check reads it
                     self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=listing,
                                     env={**self._env, "GIT_INDEX_FILE": str(nxt)})
                 index.stage(drop)
@@ -349,7 +350,7 @@ class GitRepo:
                         self.warnings.append(f"the checkout's index is left to git update-index: {exc}")
                         self._said_unsupported = True
             if current is not None:
-                shutil.copyfile(current, nxt)
+                shutil.copy2(current, nxt)  # its time too: git's racily-clean check reads it
             self._git_index(b"".join(x + b"\0" for x in lines), nxt)
         finally:
             self.index_s += time.monotonic() - t0

@@ -23,6 +23,7 @@ whose checksum is wrong) raises Unsupported, and the caller lets git do it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
@@ -41,7 +42,22 @@ READ_CHUNK = 1 << 20
 # 28,000 entries outside a shared part of a million.
 SPLIT_BALANCE = 800
 SPLIT_MIN = 2000
-SHARED_EXPIRE_S = 3600  # superseded shared parts removed after an hour, as SPLIT_INDEX_TUNING told git
+SHARED_EXPIRE_S = 3600  # superseded shared parts removed after an hour (unless splitIndex.sharedIndexExpire says)
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800, "month": 2592000, "year": 31536000}
+
+
+def expiry_s(setting: str) -> float | None:
+    """splitIndex.sharedIndexExpire as seconds: "now" 0, "never" None, "<n>.<unit>[s].ago";
+    anything else (a date) None: when unsure, keep."""
+    text = setting.strip().lower()
+    if not text:
+        return SHARED_EXPIRE_S
+    if text == "now":
+        return 0.0
+    parts = text.split(".")
+    if len(parts) == 3 and parts[2] == "ago" and parts[0].isdigit() and parts[1].rstrip("s") in _UNITS:
+        return int(parts[0]) * _UNITS[parts[1].rstrip("s")]
+    return None
 _DROPPED = {b"UNTR", b"FSMN", b"EOIE", b"IEOT"}  # by position, or caching what we change
 
 
@@ -54,8 +70,13 @@ class _Stream:
 
     def __init__(self, fh: BinaryIO, start: int, end: int, digest: hashlib._Hash | None = None) -> None:
         self.fh, self.left, self.digest = fh, end - start, digest
+        self.end = end
         fh.seek(start)
         self.buf, self.pos = b"", 0
+
+    def tell(self) -> int:
+        """The file offset of the next byte `take` returns."""
+        return self.end - self.left - (len(self.buf) - self.pos)
 
     def _fill(self, n: int) -> None:
         while len(self.buf) - self.pos < n:
@@ -128,7 +149,10 @@ def _entry(s: _Stream, version: int) -> Entry:
 
 
 def encode(mode: int, oid: bytes, name: bytes) -> Entry:
-    """A stage-0 entry with no stat data, as `update-index --index-info` makes it."""
+    """A stage-0 entry with no stat data, as `update-index --index-info` makes it (a regular
+    file's mode normalised to 100644 or 100755, as git's create_ce_mode does)."""
+    if mode & 0o170000 == 0o100000:
+        mode = 0o100755 if mode & 0o100 else 0o100644
     head = struct.pack(">10I", 0, 0, 0, 0, 0, 0, mode, 0, 0, 0) + oid + min(len(name), 0xFFF).to_bytes(2, "big")
     return Entry(head + name + b"\0" * (_padded(62, len(name)) - 62 - len(name)), name, 0, 62)
 
@@ -278,10 +302,15 @@ class _Writer:
         self.fh.write(SIGNATURE + struct.pack(">II", version, 0))
         self.pending: list[bytes] = []
         self.pending_n = 0
+        self.at = 12  # where the next entry starts
+        self.samples = Samples()
 
     def entry(self, e: Entry) -> None:
         if e.name_at == 64:
             self.version = 3
+        if self.count % SAMPLE_EVERY == 0:
+            self.samples.add(e.name, self.at)
+        self.at += len(e.raw)
         self.pending.append(e.raw)
         self.pending_n += len(e.raw)
         self.count += 1
@@ -291,6 +320,10 @@ class _Writer:
     def _flush(self) -> None:
         self.fh.write(b"".join(self.pending))
         self.pending, self.pending_n = [], 0
+
+    def abandon(self) -> None:
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
 
     def extension(self, sig: bytes, data: bytes) -> None:
         self._flush()
@@ -356,6 +389,87 @@ def _folders(entries: Sequence[Entry]) -> set[bytes]:
     return dirs
 
 
+class _Clash:
+    """Entries git would have to resolve when ours are added (update-index replaces them, and
+    records resolve-undo for conflicted ones): a file where one of ours needs a folder, entries
+    below a path of ours, a conflicted entry of a path of ours. We leave those to git."""
+
+    def __init__(self, ours: Sequence[Entry]) -> None:
+        self.names = {e.name for e in ours}
+        self.folders = _folders(ours)
+        self.area = self.names | self.folders
+
+    def check(self, entries: Iterator[Entry]) -> Iterator[Entry]:
+        for e in entries:
+            name = e.name
+            if name in self.folders:
+                raise Unsupported(f"{name.decode(errors='replace')} is a file in the index where a path of ours needs a folder")
+            if e.stage and name in self.names:
+                raise Unsupported(f"{name.decode(errors='replace')} is in conflict in the index")
+            at = name.find(b"/")
+            while at > 0:  # its folders, from the top, while they are among ours
+                head = name[:at]
+                if head not in self.area:
+                    break
+                if head in self.names:
+                    raise Unsupported(f"{name.decode(errors='replace')} is below a path of ours in the index")
+                at = name.find(b"/", at + 1)
+            yield e
+
+
+SAMPLE_EVERY = 128  # one name in this many of a shared part is kept, with where it starts
+_SAMPLED: dict[str, Samples] = {}  # by shared part path: the latest one (the worker process keeps it)
+
+
+class Samples:
+    """Every SAMPLE_EVERY-th name of a shared part and its offset: the entries near a name are
+    found by reading one stretch of the file, not all of it (about 1 MB at a million entries)."""
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+        self.offsets: list[int] = []
+
+    def add(self, name: bytes, offset: int) -> None:
+        self.names.append(name)
+        self.offsets.append(offset)
+
+    def around(self, part: _Part, ranges: list[tuple[bytes, bytes]]) -> Iterator[Entry]:
+        """Every entry whose name lies in one of the [lo, hi) ranges, and some around them: the
+        stretches of the file from the sample before each lo to the first name at or past its
+        hi, each read once."""
+        if not self.offsets:
+            return
+        read_to = 0
+        for lo, hi in sorted(ranges):
+            start = max(self.offsets[max(bisect.bisect_right(self.names, lo) - 1, 0)], read_to)
+            if start >= part.ext_at:
+                continue
+            s = _Stream(part.fh, start, part.ext_at)
+            while s.tell() < part.ext_at:
+                e = _entry(s, part.version)
+                read_to = s.tell()
+                yield e
+                if e.name >= hi:
+                    break
+
+
+def _samples(shared: _Part) -> Samples:
+    """The shared part's samples: kept from when we wrote it, or read once (one written by git)."""
+    key = str(shared.path)
+    found = _SAMPLED.get(key)
+    if found is None:
+        found = Samples()
+        s, n = shared.entries()
+        for k in range(n):
+            at = s.tell()
+            e = _entry(s, shared.version)
+            if k % SAMPLE_EVERY == 0:
+                found.add(e.name, at)
+        _SAMPLED.clear()
+        _SAMPLED[key] = found
+    return found
+
+
 def _merged(*sources: Iterator[Entry]) -> Iterator[Entry]:
     """Entries of sorted sources, by (name, stage); for a name, only the entries of the last
     source that has it (later sources take precedence)."""
@@ -400,12 +514,19 @@ def add(index: Path | None, out: Path, ours: Sequence[Entry], gitdir: Path) -> s
                 shared = _Part(gitdir / f"sharedindex.{link.base.hex()}")
                 os.utime(shared.path)  # in use: not expired by anyone's next new shared part (git does the same)
             assert part is None or link is None or shared is not None
-            if part is not None and link is not None and shared is not None:
-                outside = part.count + len(ours) + len(link.deleted)
-                if not reshare_due(shared.count, outside):
-                    _rewrite_split(part, link, ours, out)
-                    return None
-            return _reshare(part, link, shared, ours, out, gitdir)
+            made = None
+            if part is not None and link is not None and shared is not None and \
+                    not reshare_due(shared.count, part.count + len(ours) + len(link.deleted)):
+                _rewrite_split(part, link, shared, ours, out)
+            else:
+                made = _reshare(part, link, shared, ours, out, gitdir)
+            if part is not None:
+                # The old index's time, kept: git takes an entry whose file changed in the same
+                # second as the index was written as "racily clean" and looks at its content;
+                # a newer time would make such an entry look clean, and hide that change.
+                st = os.fstat(part.fh.fileno())
+                os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return made
         finally:
             if shared is not None:
                 shared.close()
@@ -423,25 +544,38 @@ def _extensions(w: _Writer, part: _Part | None, ours: Sequence[Entry], link: byt
             continue
         data = part.extension(sig) or b""
         if sig == b"TREE":
-            data = _tree_invalidated(data, _folders(ours))
+            try:
+                data = _tree_invalidated(data, _folders(ours))
+            except (ValueError, IndexError):
+                continue  # an unreadable tree cache: dropped, as git ignores one it cannot read
         elif sig != b"REUC":
             continue  # an optional extension we do not know: dropped, as git allows
         w.extension(sig, data)
 
 
-def _rewrite_split(part: _Part, link: _Link, ours: Sequence[Entry], out: Path) -> None:
+def _rewrite_split(part: _Part, link: _Link, shared: _Part, ours: Sequence[Entry], out: Path) -> None:
+    clash = _Clash(ours)
+    # The shared part is not read through: only where a name of ours, or a folder of one, would
+    # sit ([folder, folder + NUL): that name exactly; [path, path + "0"): it and all below it).
+    ranges = [(d, d + b"\0") for d in clash.folders] + [(n, n + b"0") for n in clash.names]
+    for _ in clash.check(_samples(shared).around(shared, ranges)):
+        pass
     w = _Writer(out, part.version)
-    s, n = part.entries()
-    replacements = len(link.replaced)
-    if replacements > n:
-        raise Unsupported("more replacements than entries in the split index")
-    for e in _read(s, replacements, part.version):
-        if e.name:
-            raise Unsupported("a replacement entry with a name")
-        w.entry(e)
-    for e in _merged(_read(s, n - replacements, part.version), iter(ours)):
-        w.entry(e)
-    _extensions(w, part, ours, link.raw)
+    try:
+        s, n = part.entries()
+        replacements = len(link.replaced)
+        if replacements > n:
+            raise Unsupported("more replacements than entries in the split index")
+        for e in _read(s, replacements, part.version):
+            if e.name:
+                raise Unsupported("a replacement entry with a name")
+            w.entry(e)
+        for e in _merged(clash.check(_read(s, n - replacements, part.version)), iter(ours)):
+            w.entry(e)
+        _extensions(w, part, ours, link.raw)
+    except BaseException:
+        w.abandon()
+        raise
     w.finish()
 
 
@@ -460,18 +594,27 @@ def _reshare(part: _Part | None, link: _Link | None, shared: _Part | None, ours:
     else:
         base, news, version = iter(()), iter(()), 2
     tmp = gitdir / f"sharedindex_crawler.{os.getpid()}"
+    w = _Writer(tmp, version)
     try:
-        w = _Writer(tmp, version)
-        for e in _merged(base, news, iter(ours)):
+        clash = _Clash(ours)
+        for e in _merged(clash.check(base), clash.check(news), iter(ours)):
             w.entry(e)
         if shared is not None:
             shared.check(base_s)  # before anything is published
-        oid = w.finish()
-        os.replace(tmp, gitdir / f"sharedindex.{oid.hex()}")
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        w.abandon()
+        raise
+    oid = w.finish()
+    name = f"sharedindex.{oid.hex()}"
+    os.replace(tmp, gitdir / name)
+    _SAMPLED.clear()
+    _SAMPLED[str(gitdir / name)] = w.samples
     split = _Writer(out, version)
-    _extensions(split, part, ours, oid + EMPTY_EWAH + EMPTY_EWAH)
+    try:
+        _extensions(split, part, ours, oid + EMPTY_EWAH + EMPTY_EWAH)
+    except BaseException:
+        split.abandon()
+        raise
     split.finish()
     return f"sharedindex.{oid.hex()}"
 
@@ -497,16 +640,19 @@ def _applied(base: Iterator[Entry], link: _Link, part: _Part) -> Iterator[Entry]
         raise Unsupported("a replacement past the end of the shared index")
 
 
-def expire_shared(gitdir: Path, keep: set[str], now: float | None = None) -> list[str]:
-    """Remove shared parts not in `keep` untouched for SHARED_EXPIRE_S, as git does when it
-    writes one; the names removed."""
+def expire_shared(gitdir: Path, keep: set[str], now: float | None = None,
+                  expire_s: float | None = SHARED_EXPIRE_S) -> list[str]:
+    """Remove shared parts not in `keep` untouched for `expire_s` (None: never), as git does
+    when it writes one; the names removed."""
+    if expire_s is None:
+        return []
     now = time.time() if now is None else now
     removed = []
     for f in gitdir.glob("sharedindex.*"):
         if f.name in keep:
             continue
         try:
-            if now - f.stat().st_mtime > SHARED_EXPIRE_S:
+            if now - f.stat().st_mtime > expire_s:
                 f.unlink()
                 removed.append(f.name)
         except OSError:

@@ -128,7 +128,8 @@ def test_a_new_shared_part_applies_them(checkout: Path, monkeypatch: pytest.Monk
     assert run(checkout, "ls-files", "-s").count(b"\n") == 30 + 1 + 1 + 1
 
 
-def test_conflicted_entries_are_replaced_by_ours(checkout: Path) -> None:
+def test_conflicted_entries_of_a_path_of_ours_are_left_to_git(checkout: Path) -> None:
+    """git records resolve-undo data when a stage-0 entry replaces a conflict: that, git does."""
     run(checkout, "checkout", "-q", "-b", "side")
     (checkout / "README").write_text("side\n")
     run(checkout, "commit", "-q", "-am", "side")
@@ -137,9 +138,82 @@ def test_conflicted_entries_are_replaced_by_ours(checkout: Path) -> None:
     run(checkout, "commit", "-q", "-am", "main")
     run(checkout, "merge", "-q", "side", ok=False)
     assert b" 1\tREADME" in run(checkout, "ls-files", "-s")
-    (checkout / "figures" / "c").mkdir()
-    out, ref = ours_then_git(checkout, lines_for(checkout, ["README", "figures/c/x.png"], salt="v5"))
+    gitdir = checkout / ".git"
+    ours = gitindex.parse_index_info(lines_for(checkout, ["README", "figures/c/x.png"], salt="v5"))
+    with pytest.raises(gitindex.Unsupported, match="conflict"):
+        gitindex.add(gitdir / "index", gitdir / "index.ours", ours, gitdir)
+    # A conflict elsewhere is kept as it is.
+    out, ref = ours_then_git(checkout, lines_for(checkout, ["figures/c/x.png"], salt="v6"))
+    same(checkout, out, ref, trees=False)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_file_where_we_need_a_folder_or_entries_below_our_file_are_left_to_git(checkout: Path, split: bool) -> None:
+    """update-index replaces such entries (a file `foo` when `foo/x` is added, `d/*` when `d` is);
+    git reading a split index keeps both, and the next write-tree would fail."""
+    (checkout / "foo").write_text("x")
+    (checkout / "d").mkdir()
+    (checkout / "d" / "x").write_text("y")
+    run(checkout, "add", "foo", "d")
+    if split:
+        run(checkout, "-c", "core.splitIndex=true", "update-index", "--split-index")
+    gitdir = checkout / ".git"
+    for path in ("foo/bar.png", "d"):
+        ours = gitindex.parse_index_info(lines_for(checkout, [path]))
+        with pytest.raises(gitindex.Unsupported, match="folder|below"):
+            gitindex.add(gitdir / "index", gitdir / "index.ours", ours, gitdir)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_change_in_the_same_second_as_the_index_stays_visible(checkout: Path, split: bool) -> None:
+    """git takes an entry whose file changed in the second its index was written as racily
+    clean and reads its content: the new index keeps the old one's time, so an edit made then
+    is not hidden behind matching stat data."""
+    if split:
+        run(checkout, "-c", "core.splitIndex=true", "update-index", "--split-index")
+    f = checkout / "F"
+    moment = 1_800_000_000
+    f.write_text("aaaa")
+    os.utime(f, (moment, moment))
+    run(checkout, "add", "F")
+    index = checkout / ".git" / "index"
+    os.utime(index, (moment, moment))  # the index written in that same second
+    f.write_text("bbbb")  # same size, same second: only the content tells
+    os.utime(f, (moment, moment))
+    out, ref = ours_then_git(checkout, lines_for(checkout, ["figures/new.png"]))
+    assert run(checkout, "status", "--porcelain", "--", "F", index=ref) == b"AM F\n"
+    assert run(checkout, "status", "--porcelain", "--", "F", index=out) == b"AM F\n"
+
+
+def test_modes_are_normalised_as_git_does(checkout: Path) -> None:
+    line = b"100664 blob %s\tfigures/m.png" % blob(checkout, b"").encode()
+    out, ref = ours_then_git(checkout, [line])
     same(checkout, out, ref)
+    assert b"100644 " + EMPTY_BLOB.encode() in run(checkout, "ls-files", "-s", "figures/m.png", index=out)
+
+
+def test_an_unreadable_tree_cache_is_dropped(checkout: Path) -> None:
+    import hashlib
+    run(checkout, "write-tree")
+    index = checkout / ".git" / "index"
+    data = bytearray(index.read_bytes()[:-20])
+    at = data.find(b"TREE")
+    assert at > 0
+    data[at + 8:at + 12] = b"\xff\xfe\x00\x01"  # its first record's path and counts, garbled
+    index.write_bytes(bytes(data) + hashlib.sha1(bytes(data)).digest())
+    gitdir = checkout / ".git"
+    ours = gitindex.parse_index_info(lines_for(checkout, ["figures/t.png"]))
+    gitindex.add(index, gitdir / "index.ours", ours, gitdir)
+    assert b"TREE" not in (gitdir / "index.ours").read_bytes()
+    assert b"figures/t.png" in run(checkout, "ls-files", index=gitdir / "index.ours")
+    run(checkout, "write-tree", index=gitdir / "index.ours")
+
+
+def test_shared_part_expiry_follows_the_repositorys_setting() -> None:
+    assert gitindex.expiry_s("") == gitindex.SHARED_EXPIRE_S
+    assert gitindex.expiry_s("2.weeks.ago") == 14 * 86400 and gitindex.expiry_s("1.hour.ago") == 3600
+    assert gitindex.expiry_s("now") == 0 and gitindex.expiry_s("never") is None
+    assert gitindex.expiry_s("2026-01-01") is None  # a date: when unsure, keep
 
 
 def test_many_calls_mixed_with_a_users_git_commands(checkout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
