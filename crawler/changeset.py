@@ -19,6 +19,7 @@ and writes `after` through the journal.
 from __future__ import annotations
 
 import array
+import fcntl
 import hashlib
 import json
 import math
@@ -89,14 +90,27 @@ def differs(file_path: str | None, metadata: Any, values: dict[str, Any]) -> lis
 class ChangesetFile:
     """One changeset on disk: the ids it holds (to resume), appended to line by line."""
 
-    def __init__(self, path: Path, repair: bool = True) -> None:
-        """`repair`: a run appending to it cuts off a last line a crash left unfinished; apply
-        (repair false) only reads, and the file must exist."""
+    def __init__(self, path: Path, repair: bool = True, optional: bool = False) -> None:
+        """`repair`: a run that appends to it. It holds the file locked until `release()` (two
+        runs writing one changeset would both fetch every row), and cuts off a last line a
+        crash left unfinished. Otherwise (apply, a plan) the file is only read, and must exist
+        unless `optional`."""
         self.path = path
         self._keys = array.array("Q")
         self.lines = 0
-        if not repair and not path.is_file():
+        self._lock_fd: int | None = None
+        if not repair and not path.is_file() and not (optional and not path.exists()):
             raise ChangesetError(f"{path}: no such changeset file")
+        if repair:
+            try:
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ChangesetError(f"{path}: cannot open the changeset: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.release()
+                raise ChangesetError(f"{path}: another run is writing this changeset (one run at a time)") from None
         if path.exists():
             if not path.is_file():
                 raise ChangesetError(f"{path}: not a file")
@@ -122,6 +136,11 @@ class ChangesetFile:
                     continue
                 yield line_no, parse_line(raw, self.path, line_no)
 
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def entries(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():  # a run with a new changeset: nothing yet
             return
@@ -146,10 +165,17 @@ class ChangesetFile:
         data = "".join(to_json(e) + "\n" for e in entries).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                # Part of a line (a full disk): cut back, so the batch sent again follows a whole
+                # line, not a fragment that would make the file unreadable.
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         self.lines += len(entries)

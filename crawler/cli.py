@@ -199,14 +199,14 @@ def _changeset_path(args: argparse.Namespace) -> Path | None:
     path = Path(args.changeset)
     if not path.parent.is_dir():
         raise ConfigError(f"--changeset {path}: no folder {path.parent}")
-    ChangesetFile(path)  # a file that is not a changeset stops here, before anything is read
+    ChangesetFile(path, repair=False, optional=True)  # a file that is not a changeset stops here: read only
     return path
 
 
 def _figure_options(args: argparse.Namespace, changeset: Path | None) -> Any:
     from pipelines.figures import FigureOptions
     return FigureOptions(limit=args.limit, host=(args.host or "").lower() or None, retry_failed=args.retry_failed,
-                         changeset=changeset)
+                         changeset=changeset, plan=bool(args.plan))
 
 
 async def run_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None = None
@@ -281,6 +281,9 @@ def print_repair_lines(command: str, s: dict) -> None:
         print(f"  refused: {r['artifact_id']}: {r['why']} ({', '.join(r['differs'])})", file=sys.stderr)
     if s.get("refused", 0) > 20:
         print(f"  ... and {s['refused'] - 20} more (refused.csv in the report folder)", file=sys.stderr)
+    for u in s.get("unrecorded", []):
+        if u["what"] != "refused":  # the refused rows are listed above
+            print(f"  not recorded: {u['what']}: {u['count']} — {u['why']}", file=sys.stderr)
 
 
 async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> int:

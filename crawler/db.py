@@ -131,16 +131,24 @@ class Database:
                 self._idents["updated_at"] = ", updated_at = now()"
             if self.read_only:
                 return
-            async with conn.transaction():
-                # Two runs starting together must not race to create the schema.
-                await conn.execute(Q.LOCK_MIGRATIONS, self.schema_name)
-                await conn.execute(self._sql(Q.CREATE_SCHEMA))
-                await conn.execute(self._sql(Q.CREATE_VERSION_TABLE))
-                applied = {r["version"] for r in await conn.fetch(self._sql(Q.APPLIED_VERSIONS))}
-                for version, text in _migrations():
-                    if version not in applied:
-                        await conn.execute(text.replace("{schema}", self._idents["schema"]))
-                        await conn.execute(self._sql(Q.RECORD_VERSION), version)
+            try:
+                await self._migrate(conn)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise DatabaseError(
+                    f"the database role may not create or change the tool's schema {self.schema_name!r} ({exc}); "
+                    "a role that may only read can run --plan, --changeset and --dry-run") from None
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            # Two runs starting together must not race to create the schema.
+            await conn.execute(Q.LOCK_MIGRATIONS, self.schema_name)
+            await conn.execute(self._sql(Q.CREATE_SCHEMA))
+            await conn.execute(self._sql(Q.CREATE_VERSION_TABLE))
+            applied = {r["version"] for r in await conn.fetch(self._sql(Q.APPLIED_VERSIONS))}
+            for version, text in _migrations():
+                if version not in applied:
+                    await conn.execute(text.replace("{schema}", self._idents["schema"]))
+                    await conn.execute(self._sql(Q.RECORD_VERSION), version)
 
     # -- runs ---------------------------------------------------------------------------------
     async def start_run(self, run_id: str, command: str, config: dict[str, Any]) -> None:
@@ -237,13 +245,21 @@ class Database:
             rows = await conn.fetch(self._sql(Q.ROWS_BY_ID), list(ids))
         return {r["id"]: {"file_path": r["file_path"], "metadata": json.loads(r["metadata"])} for r in rows}
 
-    async def rows_with_file_paths(self, paths: Sequence[str]) -> set[str]:
-        """Which of these paths some row names as its file."""
-        return {r["file_path"] for r in await self._pool.fetch(self._sql(Q.ROWS_WITH_FILE_PATHS), list(paths))}
+    async def rows_with_file_paths(self, paths: Sequence[str]) -> dict[str, set[str]]:
+        """{path: ids of the rows naming it as their file} for these paths."""
+        out: dict[str, set[str]] = {}
+        for r in await self._pool.fetch(self._sql(Q.ROWS_WITH_FILE_PATHS), list(paths)):
+            out.setdefault(r["file_path"], set()).add(r["id"])
+        return out
 
     async def has_state(self) -> bool:
-        """Whether the tool's schema exists (a read-only run may find none)."""
-        return bool(await self._pool.fetchval(Q.HAS_STATE_SCHEMA, self._idents["schema"]))
+        """Whether the tool's schema exists (a read-only run may find none); one the role may
+        not read is said in one line."""
+        exists, readable = await self._pool.fetchrow(Q.HAS_STATE_SCHEMA, self.schema_name)
+        if exists and not readable:
+            raise DatabaseError(f"the database role may not read the tool's schema {self.schema_name!r} "
+                                "(its journal and runs): grant it usage and select there")
+        return bool(exists)
 
     async def run_info(self, run_id: str) -> dict[str, Any] | None:
         row = await self._pool.fetchrow(self._sql(Q.RUN_EXISTS), run_id)

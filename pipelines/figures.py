@@ -55,6 +55,7 @@ class FigureOptions:
     host: str | None = None
     retry_failed: bool = False
     changeset: Path | None = None  # read-only repair: row changes go to this file (crawler/changeset.py)
+    plan: bool = False             # only plan_only() is called: the changeset is only read
 
 
 @dataclass
@@ -93,7 +94,8 @@ class FigureJob:
                             cfg["artifacts"]["split_index"], cfg["artifacts"]["git_min_bytes_per_s"])
         # With a changeset the database is only read: outcomes go to the file, and rows the file
         # already holds (an earlier run of the same changeset) are not taken again.
-        self.changes = ChangesetFile(opts.changeset) if opts.changeset is not None else None
+        self.changes = (ChangesetFile(opts.changeset, repair=not opts.plan, optional=opts.plan)
+                        if opts.changeset is not None else None)
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
                          outage_max_s=cfg["db"]["outage_max_s"], on_outage_over=self._give_up,
                          writer=ChangesetWriter(db, self.changes) if self.changes is not None else None)
@@ -186,6 +188,8 @@ class FigureJob:
             normal = max(drain_timeout_s, 2 * self.cfg["artifacts"]["git_timeout_s"] + 30)
             await self._bounded_close(drain_timeout_s if interrupted or self.fatal else normal)
             await session.close()
+            if self.changes is not None:
+                self.changes.release()
         return self._summary(interrupted)
 
     async def _bounded_close(self, seconds: float) -> None:
@@ -241,6 +245,8 @@ class FigureJob:
             b["hosts"].append(host)
             b["rows"] += counts["to_try"]
         for b in budgets.values():
+            if self.opts.limit is not None:  # a run takes at most --limit rows, whichever budget they fall under
+                b["rows"] = min(b["rows"], self.opts.limit)
             rate = b["rate_per_s"]
             b["least_s"] = b["rows"] / rate if rate else 0.0
             b["if_all_exist_s"] = 2 * b["rows"] / rate if rate else 0.0

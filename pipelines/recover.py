@@ -79,7 +79,8 @@ class RecoverJob:
         self.folder = Path(cfg["report"]["dir"]) / run_id
         # With a changeset the database is only read: changes go to the file, and the rows are
         # seen as the file's earlier lines left them (a rerun of the same changeset resumes).
-        self.changes = ChangesetFile(opts.changeset) if opts.changeset is not None else None
+        self.changes = (ChangesetFile(opts.changeset, repair=not opts.plan, optional=opts.plan)
+                        if opts.changeset is not None else None)
         self.overlay: dict[str, dict[str, Any]] = {}
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
                          outage_max_s=cfg["db"]["outage_max_s"],
@@ -118,6 +119,10 @@ class RecoverJob:
             return await self._run()
         finally:
             ticker.cancel()
+            if self.changes is not None:
+                self.changes.release()
+            if isinstance(self.manifests, MemoryManifests):
+                await asyncio.to_thread(self.manifests.remove_staging, Path(self.rec["staging_dir"]).resolve())
 
     async def _progress(self) -> None:
         while True:

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from crawler.changeset import ChangesetFile, differs, with_overlay
+from crawler.changeset import ChangesetFile, differs
 from crawler.config import Config, ConfigError
 from crawler.db import Change, Database
 from crawler.sink import Sink
@@ -62,6 +62,7 @@ class _RepairJob:
         self.sink = Sink(db, run_id, cfg["db"]["flush_rows"], cfg["db"]["flush_interval_s"],
                          outage_max_s=cfg["db"]["outage_max_s"])
         self.outcome = Outcome()
+        self.extra_unrecorded = Unrecorded()
         self._stopping = False
         self.folder = Path(cfg["report"]["dir"]) / run_id
 
@@ -105,7 +106,7 @@ class _RepairJob:
             unrecorded.add("refused", "no such row in the table", o.missing)
         return {"dry_run": self.dry_run, "changed": o.done, "already": o.already, "refused": o.refused_count,
                 "refused_rows": o.refused[:LISTED], "missing_rows": o.missing[:LISTED],
-                "unrecorded": unrecorded.as_list() + self.sink.unrecorded.as_list(),
+                "unrecorded": unrecorded.as_list() + self.sink.unrecorded.as_list() + self.extra_unrecorded.as_list(),
                 "interrupted": self._stopping, **extra}
 
 
@@ -124,14 +125,18 @@ class ApplyJob(_RepairJob):
         self.sink.start()
         try:
             chunk: list[dict[str, Any]] = []
+            ids: set[str] = set()
             for entry in self.file.entries():
                 self.lines += 1
-                chunk.append(entry)
-                if len(chunk) >= CHUNK:
+                # A row the chunk already changes (a changeset that changed it twice): the chunk
+                # is written first, so this line finds the row as the line before left it.
+                if entry["artifact_id"] in ids or len(chunk) >= CHUNK:
                     await self._chunk(chunk)
-                    chunk = []
-                if self._stopping:
-                    break
+                    chunk, ids = [], set()
+                    if self._stopping:
+                        break
+                chunk.append(entry)
+                ids.add(entry["artifact_id"])
             if chunk and not self._stopping:
                 await self._chunk(chunk)
         finally:
@@ -143,7 +148,7 @@ class ApplyJob(_RepairJob):
     async def _chunk(self, entries: list[dict[str, Any]]) -> None:
         rows = await self.db.rows_by_id(sorted({e["artifact_id"] for e in entries}))
         planned: list[tuple[Change, dict[str, Any]]] = []
-        for n, e in enumerate(entries):
+        for e in entries:
             rid = e["artifact_id"]
             row = rows.get(rid)
             if row is None:
@@ -163,7 +168,6 @@ class ApplyJob(_RepairJob):
                 file_path=after.get("file_path"), set_file_path="file_path" in after, expect=e["before"],
                 detail={"from_run": e.get("run_id"), "change_id": e.get("change_id"), "changeset": self.path.name}),
                 after))
-            rows[rid] = with_overlay(row, after)  # a later line for the same row sees this one applied
         await self._write(planned)
 
 
@@ -182,7 +186,9 @@ class UndoJob(_RepairJob):
         self.target = target
         self.revert_commits = revert_commits
         self.restored_paths: list[str] = []
+        self.restoring: set[str] = set()  # rows restored now, or found as before the run already
         self.revert_commit: str | None = None
+        self.revert_error: str | None = None
 
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         if not await self.db.has_state():
@@ -205,6 +211,9 @@ class UndoJob(_RepairJob):
             await self._revert_commits()
         log.info("undo.done", undone_run=self.target, rows=len(net), restored=self.outcome.done,
                  already=self.outcome.already, refused=self.outcome.refused_count, dry_run=self.dry_run)
+        if self.revert_error is not None:
+            self.extra_unrecorded.add("commit", f"taking the run's files off the branch failed: {self.revert_error}",
+                                      count=len(self.restored_paths))
         return self._report({"undone_run": self.target, "rows": len(net), "journal_entries": len(journal),
                              "files_taken_off": len(self.restored_paths) if self.revert_commits else 0,
                              "revert_commit": self.revert_commit})
@@ -218,9 +227,14 @@ class UndoJob(_RepairJob):
                 self.outcome.missing.append(rid)
                 continue
             after, before = n["after_values"], n["before_values"]
+            # The run's file is taken off the branch (--revert-commits) for a row restored now and
+            # for one found as before the run already (an earlier undo, or one whose commit failed).
+            if n["fp_touched"] and n["fp_after"] and n["fp_after"] != n["fp_before"]:
+                self.restored_paths.append(n["fp_after"])
             if differs(row["file_path"], row["metadata"], after):
                 if not differs(row["file_path"], row["metadata"], before):
                     self.outcome.already += 1
+                    self.restoring.add(rid)
                     continue
                 keys = differs(row["file_path"], row["metadata"], after)
                 self.outcome.refuse(rid, "changed since the run", keys)
@@ -231,18 +245,19 @@ class UndoJob(_RepairJob):
             planned.append((Change(rid, "undo", patch=patch, unset=unset, file_path=n["fp_before"],
                                    set_file_path=n["fp_touched"], expect=after,
                                    detail={"undoes": self.target}), before))
-            if n["fp_touched"] and n["fp_after"] and n["fp_after"] != n["fp_before"]:
-                self.restored_paths.append(n["fp_after"])
+            self.restoring.add(rid)
         await self._write(planned)
 
     async def _revert_commits(self) -> None:
         """One commit taking the run's files off the branch (history keeps them), leaving any
         that another row still names."""
-        from crawler.git import GitRepo
-        still = await self.db.rows_with_file_paths(self.restored_paths)
-        paths = sorted(set(self.restored_paths) - still)
-        if self.dry_run:
-            self.restored_paths = paths
+        from crawler.git import GitError, GitRepo
+        named = await self.db.rows_with_file_paths(self.restored_paths)
+        # A file stays if a row other than those this undo restores names it (after a dry run's
+        # check, the rows it would restore still name theirs).
+        paths = sorted(p for p in set(self.restored_paths) if not (named.get(p, set()) - self.restoring))
+        self.restored_paths = paths
+        if self.dry_run or not paths:
             return
         a = self.cfg["artifacts"]
         repo = GitRepo(Path(a["root"]), a["git_timeout_s"], a["commit_author_name"], a["commit_author_email"],
@@ -250,9 +265,13 @@ class UndoJob(_RepairJob):
         try:
             await repo.check()
             self.revert_commit = await repo.remove_paths(paths, f"crawler: undo {self.target} ({len(paths)} files)")
+        except GitError as exc:  # the rows are restored; the same undo again takes the files off
+            self.revert_error = str(exc)
+            log.error("undo.revert_failed", files=len(paths), error=str(exc),
+                      note="the rows are restored; run the same undo with --revert-commits again")
+            return
         finally:
             await repo.close()
-        self.restored_paths = paths
         log.info("undo.files_taken_off", files=len(paths), commit=self.revert_commit)
 
 

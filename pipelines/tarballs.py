@@ -54,6 +54,12 @@ class MemoryManifests:
     async def manifest_close(self, manifest_id: str, error: str | None, members: int) -> None:
         pass
 
+    def remove_staging(self, staging_root: Path) -> None:
+        """This run's extracted copies: the next such run reads its tarballs again anyway (after
+        the binds, which copy what they need, or at the end of a plan)."""
+        for manifest_id in self._extracted:
+            shutil.rmtree(staging_root / manifest_id, ignore_errors=True)
+
     async def manifest_extracted(self, manifest_id: str) -> list[dict[str, Any]]:
         latest = {m["norm_path"]: m for m in self._extracted[manifest_id]}  # a later duplicate wins, as in tar
         return [latest[k] for k in sorted(latest)]

@@ -195,9 +195,15 @@ select j.id, j.run_id, j.artifact_id, j.outcome, j.before_file_path, j.after_fil
 from {schema}.journal j
 where j.run_id = $1 or (j.detail ? 'from_run' and j.detail->>'from_run' = $1)
 order by j.id"""
-ROWS_WITH_FILE_PATHS = "select distinct a.file_path from {table} a where a.file_path = any($1::text[])"
+ROWS_WITH_FILE_PATHS = "select a.id, a.file_path from {table} a where a.file_path = any($1::text[])"
 RUN_EXISTS = "select run_id, command, status from {schema}.runs where run_id = $1"
-HAS_STATE_SCHEMA = "select to_regclass($1::text || '.journal') is not null"
+# (whether the tool's schema exists, whether this role may read its journal)
+HAS_STATE_SCHEMA = """
+select n.oid is not null as exists,
+  n.oid is not null and has_schema_privilege(n.oid, 'usage')
+    and exists (select 1 from pg_class c where c.relnamespace = n.oid and c.relname = 'journal'
+                and has_table_privilege(c.oid, 'select')) as readable
+from (select 1) one left join pg_namespace n on n.nspname = $1::text"""
 
 LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"
 

@@ -308,3 +308,75 @@ async def test_recover_changeset_as_a_select_only_role_then_apply(dsn, repo, tmp
     code, _, err = await run_cli("recover", "--config", str(rw))
     assert code == 0, err
     assert await rows_by_id(dsn) == rows
+
+
+async def test_a_changeset_that_changes_a_row_twice_applies_in_order_and_once(dsn, tmp_path):
+    await insert_figures(dsn, [("dup", {"image_url": "http://x/y.png", "n": 0}, None)])
+    changes = tmp_path / "twice.jsonl"
+    changes.write_text(
+        json.dumps({"artifact_id": "dup", "before": {"metadata": {"n": 0}}, "after": {"metadata": {"n": 1}},
+                    "run_id": "r1", "outcome": "transient"}) + "\n" +
+        json.dumps({"artifact_id": "dup", "before": {"metadata": {"n": 1}}, "after": {"metadata": {"n": 2}},
+                    "run_id": "r2", "outcome": "transient"}) + "\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml({"db": {"dsn": dsn}, "report": {"dir": str(tmp_path / "r"), "console": False}}))
+    code, _, err = await run_cli("apply", str(changes), "--config", str(cfg), timeout=60)
+    assert code == 0 and "changed 2 rows" in err, err
+    assert (await rows_by_id(dsn))["dup"]["metadata"]["n"] == 2
+    code, _, err = await run_cli("apply", str(changes), "--config", str(cfg), timeout=60)
+    # The first line's after is no longer there, and its before neither: the row moved on, by
+    # this very changeset's second line. Said, not applied; the row keeps the last value.
+    assert (await rows_by_id(dsn))["dup"]["metadata"]["n"] == 2
+    assert "1 already applied" in err
+
+
+async def test_a_revert_commit_that_failed_is_exit_3_and_the_same_undo_again_takes_the_files_off(dsn, repo, tmp_path):
+    async with UpstreamSimulator() as sim:
+        rows, bodies, gone, flaky = scene(sim)
+        await insert_figures(dsn, rows)
+        rw = config(dsn, repo, sim, tmp_path, "rw")
+        code, _, err = await run_cli("figures", "--config", str(rw))
+        assert code == 0, err
+        run = run_id_of(tmp_path, "figures")
+        fetched = await rows_by_id(dsn)
+        paths = sorted(fetched[r]["file_path"] for r in bodies)
+        lock = repo / ".git" / "index.lock"
+        lock.write_text("")  # someone's git, holding the index
+        short = tmp_path / "short.toml"
+        short.write_text(rw.read_text().replace('["artifacts"]\n', '["artifacts"]\n"git_timeout_s" = 1\n'))
+        code, _, err = await run_cli("undo", run, "--revert-commits", "--config", str(short))
+        assert code == 3 and "not recorded: commit" in err and "bad configuration" not in err, err
+        assert set(paths) <= set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+        lock.unlink()
+        code, _, err = await run_cli("undo", run, "--revert-commits", "--config", str(short))
+        assert code == 0 and f"{len(paths)} files taken off the branch" in err, err
+        assert not set(paths) & set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
+
+
+async def test_a_select_only_role_asked_to_write_gets_one_line(dsn, repo, tmp_path):
+    ro_dsn = await select_only_role(dsn)
+    changes = tmp_path / "c.jsonl"
+    changes.write_text("")
+    cfg = tmp_path / "ro.toml"
+    cfg.write_text(to_toml({"db": {"dsn": ro_dsn}, "report": {"dir": str(tmp_path / "r"), "console": False}}))
+    code, _, err = await run_cli("apply", str(changes), "--config", str(cfg))
+    assert code == 1 and err.count("\n") == 1 and "may not create or change the tool's schema" in err, err
+    # The tool's schema made by someone else, which this role may not read.
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("create schema artifact_recovery; create table artifact_recovery.journal (id int)")
+    await conn.close()
+    code, _, err = await run_cli("undo", "some-run", "--dry-run", "--config", str(cfg))
+    assert code == 1 and err.count("\n") == 1 and "may not read the tool's schema" in err, err
+
+
+async def test_a_plan_with_a_limit_counts_only_that_many_rows_per_budget(dsn, repo, tmp_path):
+    async with UpstreamSimulator() as sim:
+        rows, _, _, _ = scene(sim)
+        await insert_figures(dsn, rows)
+        tree = figure_tree(dsn, repo, sim.port, tmp_path, budgets={"europepmc": {"max_inflight": 1, "rate_per_s": 0.5}})
+        path = tmp_path / "slow.toml"
+        path.write_text(to_toml(tree))
+        code, out, err = await run_cli("figures", "--plan", "--limit", "2", "--config", str(path))
+        assert code == 0, err
+        assert "2 rows to try" in out and "at least 0:00:04" in out, out  # 2 rows at 0.5/s, not 6
+        assert not sim.log

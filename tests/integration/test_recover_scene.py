@@ -205,3 +205,30 @@ async def test_a_backup_that_cannot_be_read_is_named_and_the_rest_is_still_bound
     folder = Path(cfg["report"]["dir"]) / summary["run_id"]
     residual = {r["artifact_id"]: r["failure_mode"] for r in read_csv(folder / "residual.csv")}
     assert "not read: s3://scidex/unread/scidex-host-20260315T020000.tar.gz" in residual["u-remote"]
+
+
+async def test_a_plan_or_changeset_run_reads_tarballs_writes_no_manifest_and_leaves_no_staging(dsn, repo, tmp_path, s3):
+    """Manifests live in the tool's schema, which a read-only run may not write: that run keeps
+    them in memory, and removes its extracted copies when it ends."""
+    from crawler import engine
+    from pipelines.recover import RecoverJob, RecoverOptions
+    scene = build_recovery_scene()
+    await lay_out(scene, repo, tmp_path / "wt")
+    await insert_artifacts(dsn, [(r["id"], r["artifact_type"], r["metadata"], None) for r in scene.rows])
+    s3.upload(BUCKET, [(f"scene5/{t.key.rsplit('/', 1)[1]}", t.build()) for t in scene.tarballs])
+    cfg = scene_config(dsn, repo, tmp_path, s3, "scene5/")
+    for opts in (RecoverOptions(plan=True), RecoverOptions(changeset=tmp_path / "c.jsonl")):
+        db = await engine.open_database(cfg, read_only=True)
+        try:
+            status, summary = await engine.run_job(cfg, db, "recover", lambda rid: RecoverJob(cfg, db, rid, opts),
+                                                   record_run=False)
+        finally:
+            await db.close()
+        assert status == 0 and summary["searched"]["tarballs"] == 2
+        staging = tmp_path / "staging"
+        assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
+    lines = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert any(x["after"].get("metadata", {}).get("file_bind_source", "").startswith("s3://") for x in lines)
+    conn = await asyncpg.connect(dsn)
+    assert await conn.fetchval("select to_regclass('artifact_recovery.tarball_manifests')") is None
+    await conn.close()

@@ -20,6 +20,10 @@ def test_lines_are_appended_and_held_across_opens(tmp_path: Path) -> None:
     first = ChangesetFile(path)
     assert not first.holds("a")
     first.append([line("a"), line("b")])
+    with pytest.raises(ChangesetError, match="another run is writing"):
+        ChangesetFile(path)  # two runs on one changeset would both fetch every row
+    assert ChangesetFile(path, repair=False).lines == 2  # reading it is fine
+    first.release()
     again = ChangesetFile(path)
     assert again.holds("a") and again.holds("b") and not again.holds("c") and again.lines == 2
     assert [e["artifact_id"] for e in again.entries()] == ["a", "b"]
@@ -27,15 +31,17 @@ def test_lines_are_appended_and_held_across_opens(tmp_path: Path) -> None:
 
 def test_a_line_cut_short_by_a_crash_is_dropped_on_reopen(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
-    ChangesetFile(path).append([line("a")])
+    first = ChangesetFile(path)
+    first.append([line("a")])
+    first.release()
     with open(path, "ab") as fh:
         fh.write(b'{"artifact_id": "b", "bef')  # the crash
-    reader = ChangesetFile(path, repair=False)  # apply only reads: the file is left alone
+    reader = ChangesetFile(path, repair=False)  # apply (and a plan) only read: the file is left alone
     assert [e["artifact_id"] for e in reader.entries()] == ["a"] and path.read_bytes().endswith(b"bef")
     writer = ChangesetFile(path)
     assert not writer.holds("b") and path.read_bytes().endswith(b"}\n")
     writer.append([line("b")])
-    assert [e["artifact_id"] for e in ChangesetFile(path).entries()] == ["a", "b"]
+    assert [e["artifact_id"] for e in ChangesetFile(path, repair=False).entries()] == ["a", "b"]
 
 
 @pytest.mark.parametrize("text, says", [
@@ -74,3 +80,29 @@ def test_differs_tells_true_from_one_and_absent_from_present() -> None:
     assert same(1, 1.0) and not same(True, 1) and not same({"a": True}, {"a": 1})
     assert differs(None, {"k": 1}, {"metadata": {"k": 1, "gone": None}}) == []
     assert differs("x", {"k": True}, {"file_path": "y", "metadata": {"k": 1}}) == ["file_path", "metadata.k"]
+
+
+def test_a_write_that_fails_half_way_leaves_no_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-line: the file is cut back to its last whole line, so the batch the
+    sink sends again follows a whole line and the file stays readable."""
+    import errno
+    import os as os_module
+    path = tmp_path / "c.jsonl"
+    file = ChangesetFile(path)
+    file.append([line("a")])
+    real_write = os_module.write
+    calls = {"n": 0}
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[:7]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("crawler.changeset.os.write", short_then_full)
+    with pytest.raises(OSError):
+        file.append([line("b")])
+    monkeypatch.setattr("crawler.changeset.os.write", real_write)
+    file.append([line("b")])
+    file.release()
+    assert [e["artifact_id"] for e in ChangesetFile(path, repair=False).entries()] == ["a", "b"]
