@@ -22,6 +22,7 @@ order (names compared as bytes, a folder's name as if it ended in '/').
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import os
 import pickle
@@ -45,6 +46,8 @@ CHUNK = 32             # entries per chunk: a change rewrites ~1.3 KB of a folde
 DELTA_FROM = 4096      # folders at least this big are stored as deltas against their version before
 MAX_DEPTH = 50         # deltas on deltas, at most (git's own default)
 KEEP_LOADED = 64 << 10  # folders at least this big stay in memory between calls; smaller ones are read again
+LET_GO_KEPT = 6 << 20   # ... unless among the most recently let go, up to this many bytes
+FOLDER_OVERHEAD = 400   # bytes a small Folder costs beyond its entries (object, lists, chunk)
 BLOB_CHUNK = 1 << 20
 READ_WHOLE = 1 << 20   # files up to this size are read in one go; larger ones are read twice (hashed, then written)
 HOLD_MAX = 32 << 20    # bytes held in memory across one call, at most: files beyond are streamed from disk
@@ -504,6 +507,11 @@ class PackCommitter:
         self._top: Folder | None = None
         self.refused: dict[str, str] = {}
         self.entries: list[bytes] = []  # the index entries of the last commit() call's paths
+        # Small folders let go after a call, by tree id, most recent last: a paper's next figure
+        # often comes a few calls later (its rows are spread over the budgets), and reading its
+        # folder again from git walks the index of every pack written since.
+        self._let_go_recently: collections.OrderedDict[bytes, Folder] = collections.OrderedDict()
+        self._let_go_bytes = 0
 
     def forget(self) -> None:
         """The branch is not where we think: read the folders again next time."""
@@ -528,6 +536,10 @@ class PackCommitter:
         self._reader.close()
 
     def _load(self, oid: bytes) -> Folder:
+        kept = self._let_go_recently.pop(oid, None) if isinstance(oid, bytes) else None
+        if kept is not None:
+            self._let_go_bytes -= kept.size() + FOLDER_OVERHEAD
+            return kept
         return Folder(self._reader.read(oid, "tree"), oid)
 
     def _start_from(self, tip: str | None) -> Folder:
@@ -679,6 +691,12 @@ class PackCommitter:
             self._let_go(child)
             if not child.children and child.size() < KEEP_LOADED:
                 del folder.children[name]
+                if child.tree_id is not None and child.tree_id not in self._let_go_recently:
+                    self._let_go_recently[child.tree_id] = child  # its objects are in a pack now
+                    self._let_go_bytes += child.size() + FOLDER_OVERHEAD
+        while self._let_go_bytes > LET_GO_KEPT and self._let_go_recently:
+            _oid, old = self._let_go_recently.popitem(last=False)
+            self._let_go_bytes -= old.size() + FOLDER_OVERHEAD
 
 
 def _read_checked(blob: Blob) -> Iterator[bytes]:

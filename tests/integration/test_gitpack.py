@@ -243,3 +243,34 @@ def test_the_object_reader_is_started_afresh_as_packs_pile_up(repo, monkeypatch)
     assert len(readers) == 3  # started afresh after the 3rd and the 6th pack
     assert git(repo, "ls-tree", "--name-only", "HEAD:d").split() == [f"f{i}.png" for i in range(7)]
     assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_a_small_folder_let_go_is_taken_back_without_asking_git(repo, monkeypatch):
+    """A paper's figures come over several calls: its folder, let go after a call, is kept
+    among the recently let go (up to LET_GO_KEPT bytes) and taken back from there, not read
+    again from git (whose reader walks the index of every pack written since)."""
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    reads: list[str] = []
+    real_read = gitpack.ObjectReader.read
+
+    def counting(self, oid, kind):
+        reads.append(oid.hex() if isinstance(oid, bytes) else str(oid))
+        return real_read(self, oid, kind)
+
+    monkeypatch.setattr(gitpack.ObjectReader, "read", counting)
+    for i in range(6):  # papers p0..p2, two figures each, in separate calls
+        tip = git(repo, "rev-parse", "HEAD")
+        made, refused, _ = gitpack.work(packer, tip, [([(f"figures/p{i % 3}/f{i}.png", b"%d" % i, None)], f"c{i}")])
+        assert refused == {}
+        git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    assert len(reads) == 2  # the first call's start: the tip commit and its tree
+    monkeypatch.setattr(gitpack, "LET_GO_KEPT", 0)  # nothing kept: each paper folder read again
+    for i in range(6, 9):
+        tip = git(repo, "rev-parse", "HEAD")
+        made, _, _ = gitpack.work(packer, tip, [([(f"figures/p{i % 3}/f{i}.png", b"%d" % i, None)], f"c{i}")])
+        git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    packer.close()
+    # p0 (and figures/) were taken back before the limit applied; then figures/ and p1, figures/ and p2 read
+    assert len(reads) == 2 + 4
+    assert git(repo, "ls-tree", "-r", "--name-only", "HEAD:figures/p0").split() == ["f0.png", "f3.png", "f6.png"]
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
