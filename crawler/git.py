@@ -160,16 +160,18 @@ class GitRepo:
                     os.close(lock_fd)
             return await self._on_git_thread(self._commit_pack, gitdir, batches, known or {}, expected or {})
 
-    async def remove_paths(self, paths: Sequence[str], message: str) -> str | None:
-        """One commit taking `paths` off the branch (history keeps them), the checkout's index in
-        step; each file is removed from the work tree too if it still holds what the branch held.
-        Returns the commit (None: the branch held none of them). For `undo --revert-commits`: a
-        rare step an operator asks for, so plain git commands on a temporary index do it."""
+    async def remove_paths(self, paths: Sequence[str], message: str, batch: int = 100) -> str | None:
+        """A commit taking `paths` off the branch (history keeps them; several commits of at most
+        `batch` files, published together, when there are more), the checkout's index in step;
+        each file is removed from the work tree too if it still holds what the branch held.
+        Returns the last commit (None: the branch held none of them). For `undo
+        --revert-commits`: a rare step an operator asks for, so plain git commands on a
+        temporary index do it."""
         if "GIT_DIR" not in self._env:
             await self.check()
         async with self._lock:
             gitdir = await self.git_dir()
-            return await self._on_git_thread(self._remove_paths, gitdir, list(paths), message)
+            return await self._on_git_thread(self._remove_paths, gitdir, list(paths), message, max(batch, 1))
 
     async def _on_git_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
@@ -265,7 +267,7 @@ class GitRepo:
         finally:
             os.close(lock_fd)
 
-    def _remove_paths(self, gitdir: Path, paths: list[str], message: str) -> str | None:
+    def _remove_paths(self, gitdir: Path, paths: list[str], message: str, batch: int) -> str | None:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         temp_index = gitdir / f"crawler-revert-index-{os.getpid()}"
         try:
@@ -282,12 +284,17 @@ class GitRepo:
                             held[path.decode("utf-8", "surrogateescape")] = meta.split(b" ")[2].decode()
                 if not held:
                     return None
-                listing = b"".join(_bytes(p) + b"\0" for p in sorted(held))
+                names = sorted(held)
+                listing = b"".join(_bytes(p) + b"\0" for p in names)
                 env = {**self._env, "GIT_INDEX_FILE": str(temp_index)}
                 self._git_bytes("read-tree", tip, env=env)
-                self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=listing, env=env)
-                tree = self._git_bytes("write-tree", env=env).decode().strip()
-                commit = self._git_bytes("commit-tree", tree, "-p", tip, "-m", message).decode().strip()
+                commit, parts = tip, (len(names) + batch - 1) // batch
+                for k in range(parts):  # artifacts.commit_batch files a commit, at most
+                    chunk = b"".join(_bytes(p) + b"\0" for p in names[k * batch:(k + 1) * batch])
+                    self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=chunk, env=env)
+                    tree = self._git_bytes("write-tree", env=env).decode().strip()
+                    said = message if parts == 1 else f"{message} ({k + 1}/{parts})"
+                    commit = self._git_bytes("commit-tree", tree, "-p", commit, "-m", said).decode().strip()
 
                 def drop(current: Path | None, nxt: Path) -> None:
                     if current is not None:

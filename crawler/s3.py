@@ -8,7 +8,8 @@ This is the only module that talks S3 (aiobotocore). The contract:
   `endpoint_url` means AWS's own endpoint; any other endpoint (MinIO, Ceph, moto) is addressed
   path-style. Credentials come from botocore's standard chain (the AWS_* variables first).
 - `list` pages through list_objects_v2 and returns every object under the prefix.
-- `latest_tarballs` returns the n newest keys ending in .tar, .tar.gz, .tgz or .tar.zst, newest
+- `latest_tarballs` returns the n newest keys ending in .tar, .tar.gz, .tgz, .tar.zst, .tar.xz,
+  .txz, .tar.bz2, .tbz2 or .tbz, newest
   first: by LastModified, then by a timestamp embedded in the key (20260315T120000,
   2026-03-15, ...), then by key. The ordering itself is the pure function `latest`.
 - `stream` yields an object's body in chunks of at most `chunk_bytes` as they arrive; nothing is
@@ -35,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 log = structlog.get_logger()
 
-TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
+TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz")
 
 # S3's bucket naming rules (3-63 characters, lower case, digits, dots, hyphens, alphanumeric at
 # both ends), plus the upper case and underscores that buckets created before 2018 may carry.

@@ -8,7 +8,8 @@ The contract of `scan`:
   `inflate_bytes` of decompressed data and `copy_bytes` of member data, whatever the size of
   the tarball or of any member, and however well it compresses.
 - The compression is recognised from the content, not the name: gzip (one or several
-  members, zero padding after them tolerated), zstd (one or several frames), else plain tar.
+  members, zero padding after them tolerated), zstd (one or several frames), xz and bzip2 (one
+  or several streams), else plain tar.
 - Parsing (Python's `tarfile` in stream mode) and decompression run in one worker thread; the
   event loop only moves chunks into a bounded queue, so it never blocks, and a slow scanner
   holds the producer back instead of buffering.
@@ -32,7 +33,9 @@ The contract of `scan`:
 from __future__ import annotations
 
 import asyncio
+import bz2
 import hashlib
+import lzma
 import tarfile
 import threading
 import zlib
@@ -45,8 +48,16 @@ import zstandard
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4"}
-_SNIFF_BYTES = max(len(m) for m in (GZIP_MAGIC, ZSTD_MAGIC, *_UNSUPPORTED_MAGIC))
+XZ_MAGIC = b"\xfd7zXZ\x00"
+BZIP2_MAGIC = b"BZh"
+_UNSUPPORTED_MAGIC = {b"\x04\x22\x4d\x18": "lz4"}
+_SNIFF_BYTES = max(len(m) for m in (GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC, BZIP2_MAGIC, *_UNSUPPORTED_MAGIC))
+# xz and bzip2 (the standard library's lzma and bz2) bound each call's output themselves
+# (max_length) and keep what they have not yet returned: they are fed only when they ask.
+_ASKING = ("xz", "bzip2")
+# xz's window (8 MiB at its default preset, 64 MiB at -9) must be held to decompress; a stream
+# asking for more (a hostile header: up to 1.5 GiB) is refused as corrupt.
+XZ_MEMLIMIT = 96 << 20
 
 # The most output one input byte can produce, from the formats' definitions: deflate's longest
 # match (258 bytes) costs at least a quarter byte; a zstd RLE block regenerates up to 128 KiB
@@ -294,8 +305,8 @@ class _Inflater:
         self._feed = feed
         self._fmt = fmt
         self._out_bytes = out_bytes
-        ratio = _DEFLATE_MAX_RATIO if fmt == "gzip" else _ZSTD_MAX_RATIO
-        self._in_bytes = max(1, out_bytes // ratio)
+        ratio = {"gzip": _DEFLATE_MAX_RATIO, "zstd": _ZSTD_MAX_RATIO}.get(fmt, 1)
+        self._in_bytes = max(1, min(out_bytes // ratio, 1 << 16))
         self._obj: Any = None       # the current member's decompressor; None between members
         self._pending = b""         # input read but not yet consumed by a decompressor
         self._out = b""
@@ -314,8 +325,9 @@ class _Inflater:
     def _new_member(self) -> bool:
         data = self._pending
         while True:
-            # gzip(1) tolerates zero padding after a member (tape blocking); zstd does not.
-            if self._fmt == "gzip":
+            # gzip(1) and xz(1) take zero padding after a member or stream (tape blocking, xz's
+            # stream padding); zstd and bzip2 do not.
+            if self._fmt in ("gzip", "xz"):
                 data = data.lstrip(b"\0")
             if data:
                 break
@@ -323,8 +335,10 @@ class _Inflater:
             if not data:
                 return False  # the stream ends cleanly between members
         self._pending = data
-        self._obj = zlib.decompressobj(wbits=31) if self._fmt == "gzip" else \
-            zstandard.ZstdDecompressor().decompressobj()
+        self._obj = {"gzip": lambda: zlib.decompressobj(wbits=31),
+                     "zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
+                     "xz": lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT),
+                     "bzip2": bz2.BZ2Decompressor}[self._fmt]()
         return True
 
     def _produce(self) -> bytes:
@@ -332,19 +346,24 @@ class _Inflater:
             if self._obj is None and not self._new_member():
                 return b""
             obj = self._obj
-            data = self._pending or self._feed.read(self._in_bytes)
+            if self._fmt in _ASKING and not obj.needs_input:
+                data = b""  # it still holds output from what it was given: no more input yet
+            else:
+                data = self._pending or self._feed.read(self._in_bytes)
             try:
-                out = obj.decompress(data, self._out_bytes) if self._fmt == "gzip" else obj.decompress(data)
-            except (zlib.error, zstandard.ZstdError) as exc:
+                out = obj.decompress(data, self._out_bytes) if self._fmt != "zstd" else obj.decompress(data)
+            except (zlib.error, zstandard.ZstdError, lzma.LZMAError, OSError, EOFError) as exc:
                 raise _BadArchive(f"corrupt {self._fmt} data: {exc}") from None
-            self._pending = obj.unconsumed_tail
+            self._pending = obj.unconsumed_tail if self._fmt not in _ASKING else b""
             if obj.eof:
                 self._pending = obj.unused_data
                 self._obj = None
+            elif self._fmt in _ASKING and not obj.needs_input:
+                data = b"."  # more output waits: not the end of the input
             if out:
                 return out
             if not data and not self._pending and self._obj is not None:
-                unit = "member" if self._fmt == "gzip" else "frame"
+                unit = {"gzip": "member", "zstd": "frame"}.get(self._fmt, "stream")
                 raise _BadArchive(f"truncated: the {self._fmt} stream ends inside a {unit}")
 
 
@@ -357,6 +376,10 @@ def _open_input(feed: _Feed, inflate_bytes: int) -> tuple[str, Any]:
         return "gzip", _Inflater(feed, "gzip", inflate_bytes)
     if head.startswith(ZSTD_MAGIC):
         return "zstd", _Inflater(feed, "zstd", inflate_bytes)
+    if head.startswith(XZ_MAGIC):
+        return "xz", _Inflater(feed, "xz", inflate_bytes)
+    if head.startswith(BZIP2_MAGIC) and head[3:4].isdigit():
+        return "bzip2", _Inflater(feed, "bzip2", inflate_bytes)
     for magic, name in _UNSUPPORTED_MAGIC.items():
         if head.startswith(magic):
             raise _BadArchive(f"unsupported compression: {name}")

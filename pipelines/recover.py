@@ -88,7 +88,9 @@ class RecoverJob:
         # Tarball manifests live in our schema; a plan or a changeset run writes nothing there and
         # keeps this run's in memory.
         self.manifests: Any = MemoryManifests() if opts.plan or self.changes is not None else db
-        self.committer = Committer(self.repo, self.sink, rec["commit_batch"], cfg["artifacts"]["commit_interval_s"],
+        # artifacts.commit_batch is the ceiling for every commit the tool makes, this job's too.
+        self.committer = Committer(self.repo, self.sink, min(rec["commit_batch"], cfg["artifacts"]["commit_batch"]),
+                                   cfg["artifacts"]["commit_interval_s"],
                                    run_id, self._stamp, "recovered files", cfg["artifacts"]["max_uncommitted"],
                                    cfg["artifacts"]["fsync"])
         self._stopping = False
@@ -383,7 +385,11 @@ class RecoverJob:
                 w.writerow(["artifact_id", "expected_basenames", "expected_paths", "recorded_sha256", "recorded_size",
                             "candidates", "confidence", "status", "bind_source", "file_path", "reason"])
                 for s in rows:
-                    e, d = s.expectation, s.decision
+                    d = s.decision
+                    # Rows settled before this run (bound, or marked unrecoverable) were not
+                    # searched; the inventory still names what each expects.
+                    e = s.expectation or ev.expect(s.row["id"], s.row["artifact_type"], s.row["metadata"],
+                                                   self.rules[s.row["artifact_type"]], self.rec["ram_only_creators"])
                     cands = ";".join(f"{c.ref}|{c.size}|{c.sha256 or ''}|{rung}" for rung, c in s.related)
                     w.writerow([s.row["id"], " ".join(sorted(e.basenames)) if e else "",
                                 " ".join(e.expected_paths) if e else "", (e.sha256 or "") if e else "",

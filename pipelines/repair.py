@@ -264,7 +264,8 @@ class UndoJob(_RepairJob):
                        "", a["split_index"], a["git_min_bytes_per_s"])
         try:
             await repo.check()
-            self.revert_commit = await repo.remove_paths(paths, f"crawler: undo {self.target} ({len(paths)} files)")
+            self.revert_commit = await repo.remove_paths(paths, f"crawler: undo {self.target} ({len(paths)} files)",
+                                                         a["commit_batch"])
         except GitError as exc:  # the rows are restored; the same undo again takes the files off
             self.revert_error = str(exc)
             log.error("undo.revert_failed", files=len(paths), error=str(exc),

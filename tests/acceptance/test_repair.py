@@ -257,7 +257,10 @@ async def test_undo_with_revert_commits_takes_the_runs_files_off_the_branch(dsn,
         assert code == 0, err
         assert f"{len(paths)} files taken off the branch" in err
         assert await rows_by_id(dsn) == original
-        assert git(repo, "rev-parse", "HEAD^") == head  # one commit on top
+        # artifacts.commit_batch (4 here) is the ceiling of every commit: two commits on top
+        assert git(repo, "rev-parse", "HEAD~2") == head and len(paths) == 8
+        for c in ("HEAD", "HEAD~1"):
+            assert len(git(repo, "diff-tree", "-r", "--no-commit-id", "--name-only", c).split()) == 4
         tracked = set(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split())
         assert not tracked & set(paths)
         assert set(paths) <= set(git(repo, "ls-tree", "-r", "--name-only", head).split())  # history keeps them

@@ -196,3 +196,18 @@ async def test_a_worktree_file_changed_after_it_was_hashed_is_not_bound(dsn, rep
     assert not list(repo.rglob("*.part"))
     assert status == 3 and any(u["what"] == "bind" and "changed since it was hashed" in u["why"]
                                for u in summary["unrecorded"])
+
+
+async def test_artifacts_commit_batch_caps_recovery_commits_and_the_inventory_names_every_rows_basenames(dsn, repo, tmp_path):
+    await scene(dsn, repo, tmp_path)
+    cfg = recover_config(dsn, repo, tmp_path)
+    cfg.raw["artifacts"]["commit_batch"] = 2  # below recovery.commit_batch (100): the ceiling for every commit
+    status, _ = await run_recover(cfg)
+    assert status == 0
+    commits = commits_by_tool(repo)
+    assert commits and max(len(files) for files in commits) <= 2 and sum(len(f) for f in commits) >= 3
+    # A second run: the rows bound by the first are not searched again, and still named.
+    _, summary = await run_recover(cfg)
+    inventory = {r["artifact_id"]: r for r in read_csv(Path(cfg["report"]["dir"]) / summary["run_id"] / "inventory_dataset.csv")}
+    assert inventory["d-high"]["status"] == "bound" and inventory["d-high"]["expected_basenames"] == "gtex.csv"
+    assert inventory["d-certain"]["expected_basenames"] == "samples.csv"
