@@ -76,6 +76,9 @@ async def run_job(cfg: Config, db: Database, command: str,
     job = make_job(run_id)
     signals = 0
     beat = asyncio.create_task(_heartbeat(db, run_id, job, float(cfg["run"]["heartbeat_s"]))) if record_run else None
+    metrics_file = Path(cfg["report"]["metrics_file"]) if cfg["report"]["metrics_file"] else None
+    ticker = (asyncio.create_task(_metrics(metrics_file, run_id, command, job, float(cfg["report"]["progress_interval_s"])))
+              if metrics_file is not None else None)
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -113,9 +116,12 @@ async def run_job(cfg: Config, db: Database, command: str,
         summary = {"error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
-        if beat is not None:
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+        for task in (beat, ticker):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if metrics_file is not None:
+            _write_metrics(metrics_file, run_id, command, job, status)
         # The handlers stay until the very end: a signal while the summary and the run's row are
         # written must not kill the process half-way (a third one still exits at once).
         summary = {"run_id": run_id, "command": command, "status": status, "started_at": iso(started),
@@ -134,6 +140,27 @@ async def run_job(cfg: Config, db: Database, command: str,
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     return EXIT_FOR[status], summary
+
+
+async def _metrics(path: Path, run_id: str, command: str, job: Job, every_s: float) -> None:
+    while True:
+        _write_metrics(path, run_id, command, job)
+        await asyncio.sleep(every_s)
+
+
+def _write_metrics(path: Path, run_id: str, command: str, job: Job, status: str | None = None) -> None:
+    """The Prometheus textfile; one that cannot be written is said once per run, never fatal."""
+    from . import metrics
+    try:
+        metrics.write(path, metrics.render(run_id, command, job.progress() if hasattr(job, "progress") else {}, status))
+    except Exception as exc:
+        global _metrics_failed
+        if _metrics_failed != run_id:
+            _metrics_failed = run_id
+            log.warning("report.metrics_failed", file=str(path), error=f"{type(exc).__name__}: {exc}")
+
+
+_metrics_failed: str | None = None
 
 
 async def _heartbeat(db: Database, run_id: str, job: Job, every_s: float) -> None:

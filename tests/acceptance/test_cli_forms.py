@@ -58,3 +58,19 @@ async def test_report_list_and_a_quiet_console(dsn: str, repo: Path, sim, tmp_pa
     assert code == 0 and len(lines) == 3 and all("finished" in x for x in lines[1:])
     # (two runs in one second sort by their random suffix)
     assert sorted(x.split("  ")[-1].split()[0] for x in lines[1:]) == ["attempted=0", "attempted=1"]
+
+
+async def test_a_prometheus_textfile_says_where_the_run_stands_and_how_it_ended(dsn: str, repo: Path, sim,
+                                                                                 tmp_path: Path) -> None:
+    await insert_figures(dsn, [("m-1", {"image_url": "http://cdn.example.com/none.png"}, None)])
+    tree = figure_tree(dsn, repo, sim.port, tmp_path)
+    tree["report"]["metrics_file"] = str(tmp_path / "crawler.prom")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml(tree))
+    code, _, err = await run_cli("figures", "--config", str(cfg))
+    assert code == 0, err
+    text = (tmp_path / "crawler.prom").read_text()
+    assert 'crawler_run_finished{run_id="' in text and 'status="finished"} 1' in text
+    assert 'outcome="hard_404"} 1' in text and "crawler_rows_done{" in text
+    assert "# TYPE crawler_outcomes_total counter" in text
+    assert not list(tmp_path.glob(".crawler.prom.*"))  # written whole, then renamed
