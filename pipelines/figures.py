@@ -65,6 +65,7 @@ class Tally:
     counts: Counter[str] = field(default_factory=Counter)
     per_host: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     errors: Counter[str] = field(default_factory=Counter)
+    errors_by_outcome: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     failed_rows: list[dict[str, str]] = field(default_factory=list)
     planned: int = 0
 
@@ -75,6 +76,7 @@ class Tally:
         self.per_host[host][outcome] += 1
         if error:
             self.errors[error] += 1
+            self.errors_by_outcome[outcome][error] += 1
 
 
 class FigureJob:
@@ -531,6 +533,8 @@ class FigureJob:
             "per_host": {h: {k: v.get(k, 0) for k in ("attempted", "fetched", "hard_404", "transient", "failed", "no_url")}
                          for h, v in sorted(self.tally.per_host.items())},
             "errors": dict(self.tally.errors),
+            "transient_errors": dict(self.tally.errors_by_outcome["transient"]),
+            "failed_errors": dict(self.tally.errors_by_outcome["failed"]),
             "failed_rows": self.tally.failed_rows,
             "commits": self.committer.commits,
             "commit_failed_files": self.committer.failed_files,
