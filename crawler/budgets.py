@@ -52,6 +52,51 @@ def spacing_s(rate_per_s: float, guard_s: float) -> float:
     return 1.0 / whole + guard_s
 
 
+class Timeline:
+    """Request starts per second of the run, per budget, for the report's politeness charts: the
+    hosts no budget names (each a `default:<host>` budget of its own) are one line, the busiest
+    of them each second, so thousands of hosts cost one line. Pauses too, the first
+    MAX_PAUSES of them. Seconds count from `origin` (loop time)."""
+
+    MAX_PAUSES = 2000
+
+    def __init__(self) -> None:
+        self.origin: float | None = None
+        self.starts: dict[str, dict[int, int]] = {}
+        self.caps: dict[str, tuple[float, int]] = {}
+        self.pauses: list[tuple[str, float, float, str]] = []
+
+    @staticmethod
+    def group(name: str) -> str:
+        return "default" if name.startswith("default:") else name
+
+    def _second(self, now: float) -> int:
+        if self.origin is None:
+            self.origin = now
+        return int(now - self.origin)
+
+    def started(self, budget: Budget, now: float) -> None:
+        sec = self._second(now)
+        if sec != budget._second:
+            budget._second, budget._in_second = sec, 0
+        budget._in_second += 1
+        group = self.group(budget.name)
+        seconds = self.starts.setdefault(group, {})
+        if budget._in_second > seconds.get(sec, 0):
+            seconds[sec] = budget._in_second
+        self.caps.setdefault(group, (budget.rate_per_s, budget.max_inflight))
+
+    def paused(self, budget: Budget, now: float, seconds: float, reason: str) -> None:
+        if len(self.pauses) < self.MAX_PAUSES:
+            self.pauses.append((budget.name, round(now - (self.origin if self.origin is not None else now), 3),
+                                round(seconds, 3), reason))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budgets": {g: {"cap_per_s": self.caps.get(g, (0, 0))[0], "max_inflight": self.caps.get(g, (0, 0))[1],
+                                "starts": sorted(s.items())} for g, s in sorted(self.starts.items())},
+                "pauses": [{"budget": b, "at_s": at, "seconds": s, "reason": r} for b, at, s, r in self.pauses]}
+
+
 @dataclass
 class BudgetStats:
     started: int = 0
@@ -78,6 +123,9 @@ class Budget:
         self._pause_reported = False
         self.stats = BudgetStats()
         self.consecutive_refusals = 0  # 403/429 in a row, for the breaker
+        self.timeline: Timeline | None = None
+        self._second = -1      # the run second of the last start, and how many started in it
+        self._in_second = 0
 
     @staticmethod
     def _now() -> float:
@@ -99,6 +147,8 @@ class Budget:
         if not was_paused:
             self.stats.pauses += 1
         self._pause_reported = True
+        if self.timeline is not None:
+            self.timeline.paused(self, now, when - now, reason)
         if self._on_pause is not None:
             self._on_pause(self, when - now, reason)
 
@@ -129,6 +179,8 @@ class Budget:
             if self._paused_until <= self._now():
                 break
         self.stats.started += 1
+        if self.timeline is not None:
+            self.timeline.started(self, self._now())
         if self._pause_reported:  # the first start after a pause says the budget is moving again
             self._pause_reported = False
             if self._on_resume is not None:
@@ -165,6 +217,7 @@ class Budgets:
     on_resume: Callable[[Budget], None] | None = None
     max_wait_s: float = math.inf
     _named: dict[str, Budget] = field(default_factory=dict)
+    timeline: Timeline = field(default_factory=Timeline)
 
     def name_for(self, host: str) -> str:
         """The budget name a host falls under: a configured name, or `default:<host>`."""
@@ -182,6 +235,7 @@ class Budgets:
             spec = next(s for s in self.specs if s.name == spec_name)
             budget = Budget(name, spec.max_inflight, spec.rate_per_s, self.guard_s, self.on_pause, self.on_resume,
                             self.max_wait_s)
+            budget.timeline = self.timeline
             self._named[name] = budget
         return budget
 

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_id", nargs="?", metavar="RUN_ID")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of summary.md")
     rep.add_argument("--list", action="store_true", help="list the runs whose reports are under report.dir")
+    rep.add_argument("--html", action="store_true", help="write the run's report.html (self-contained) and print its path")
     tl = sub.add_parser("tail", parents=[common], help=COMMANDS["tail"], description=COMMANDS["tail"])
     tl.add_argument("run_id", nargs="?", metavar="RUN_ID")
     st = sub.add_parser("status", parents=[common], help=COMMANDS["status"], description=COMMANDS["status"])
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "limit", None) is not None and args.limit < 1:
         return fail("--limit must be at least 1", engine.EXIT_USAGE)
     if command == "report":
-        return list_reports(cfg) if args.list else print_report(cfg, args.run_id, args.json)
+        return list_reports(cfg) if args.list else print_report(cfg, args.run_id, args.json, args.html)
     if command == "demo":
         from .sandbox import demo
         return demo.main(cfg, fresh=args.fresh, verbose=args.verbose, repair=args.repair)
@@ -387,12 +388,14 @@ def _what(s: dict) -> str:
     return ""
 
 
-def print_report(cfg: Config, run_id: str | None, as_json: bool) -> int:
+def print_report(cfg: Config, run_id: str | None, as_json: bool, as_html: bool = False) -> int:
     folder = report.latest_run_dir(Path(cfg["report"]["dir"]), run_id)
     if folder is None:
         what = f"run {run_id}" if run_id else "any run"
         return fail(f"no report for {what} under {cfg['report']['dir']}/", engine.EXIT_USAGE)
-    if as_json:
+    if as_html:
+        print(report.write_html(folder, json.loads((folder / "summary.json").read_text())).resolve())
+    elif as_json:
         print(json.dumps(json.loads((folder / "summary.json").read_text()), indent=2))
     else:
         print((folder / "summary.md").read_text(), end="")

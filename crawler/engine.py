@@ -200,7 +200,7 @@ async def _finish_run(db: Database, run_id: str, status: str, summary: dict[str,
 
 def _lean(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary without its long lists, for the log line and the runs table."""
-    return {k: v for k, v in summary.items() if k not in ("failed_rows",)}
+    return {k: v for k, v in summary.items() if k not in ("failed_rows", "timeline")}
 
 
 async def with_database(cfg: Config, body: Callable[[Database], Awaitable[int]], read_only: bool = False) -> int:

@@ -20,6 +20,15 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n")
     tmp.replace(folder / "summary.json")
     (folder / "summary.md").write_text(render_markdown(summary, _residual(folder)))
+    write_html(folder, summary)
+
+
+def write_html(folder: Path, summary: dict[str, Any]) -> Path:
+    """report.html beside summary.json: self-contained (crawler/html_report.py)."""
+    from . import html_report
+    path = folder / "report.html"
+    path.write_text(html_report.render(summary, folder))
+    return path
 
 
 RESIDUAL_LISTED = 500  # residual rows written into summary.md (all are in residual.csv)

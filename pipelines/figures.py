@@ -539,6 +539,8 @@ class FigureJob:
             "commits": self.committer.commits,
             "commit_failed_files": self.committer.failed_files,
             "requests_per_budget": {b.name: b.stats.started for b in self.budgets.all()},
+            # Request starts per second per budget, and pauses: the report's politeness charts.
+            "timeline": self.budgets.timeline.as_dict(),
             # Hosts that answered HEAD 404 for files GET then served: their HEAD 404s were not trusted.
             "head_404_untrusted": self.fetcher.head_untrusted if self.fetcher is not None else [],
             "local_error": c["local_error"],

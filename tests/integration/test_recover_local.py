@@ -211,3 +211,30 @@ async def test_artifacts_commit_batch_caps_recovery_commits_and_the_inventory_na
     inventory = {r["artifact_id"]: r for r in read_csv(Path(cfg["report"]["dir"]) / summary["run_id"] / "inventory_dataset.csv")}
     assert inventory["d-high"]["status"] == "bound" and inventory["d-high"]["expected_basenames"] == "gtex.csv"
     assert inventory["d-certain"]["expected_basenames"] == "samples.csv"
+
+
+async def test_the_html_report_of_recover_lists_the_inventory_and_the_residuals_with_reasons(dsn, repo, tmp_path):
+    from html.parser import HTMLParser
+    await scene(dsn, repo, tmp_path)
+    cfg = recover_config(dsn, repo, tmp_path)
+    _, summary = await run_recover(cfg)
+    page = (Path(cfg["report"]["dir"]) / summary["run_id"] / "report.html").read_text()
+    tables: dict[str, list[str]] = {}
+
+    class Cells(HTMLParser):
+        current = ""
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.current = dict(attrs).get("class") or ""
+                tables.setdefault(self.current, [])
+
+        def handle_data(self, data):
+            if self.current and data.strip():
+                tables[self.current].append(data.strip())
+
+    Cells().feed(page)
+    residual = {r["artifact_id"]: r["failure_mode"] for r in read_csv(Path(cfg["report"]["dir"]) / summary["run_id"] / "residual.csv")}
+    assert set(residual) <= set(tables["residual"]) and residual["d-missing"] in tables["residual"]
+    assert "d-certain" in tables["inventory"] and "bound" in tables["inventory"]
+    assert "src=" not in page and "href=" not in page

@@ -178,3 +178,21 @@ def test_an_empty_flush_does_not_end_an_outage_nor_restart_its_clock():
 
     still_down, gave_up = run_virtual(scene())
     assert still_down and len(gave_up) == 1 and "unreachable for over 5 s" in gave_up[0]
+
+
+def test_the_timeline_counts_starts_per_second_per_budget_and_the_busiest_unnamed_host():
+    """The report's politeness chart: starts per second of the run for each budget (never above
+    its cap), the hosts no budget names as one line (the busiest each second), and pauses."""
+    async def scene():
+        loop = asyncio.get_running_loop()
+        budgets = Budgets(SPECS, 0.0)
+        epmc, a, b = budgets.for_host("europepmc.org"), budgets.for_host("a.example"), budgets.for_host("b.example")
+        await asyncio.gather(_load(epmc, 8, 0.1), _load(a, 3, 0.1), _load(b, 2, 0.1))
+        epmc.pause_until(loop.time() + 5.0, "http_429")
+        return budgets.timeline.as_dict()
+
+    t = run_virtual(scene())
+    epmc = t["budgets"]["europepmc"]
+    assert epmc["cap_per_s"] == 2.0 and epmc["starts"] == [(0, 2), (1, 2), (2, 2), (3, 2)]
+    assert t["budgets"]["default"]["starts"] == [(0, 1), (1, 1), (2, 1)]  # a.example's 3 and b.example's 2, 1/s each
+    assert t["pauses"] == [{"budget": "europepmc", "at_s": 3.6, "seconds": 5.0, "reason": "http_429"}]
