@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from . import logs, native, redact, report
+from . import progress as progress_display
 from .config import Config
 from .db import Database, is_connection_error
 from .sink import BACKOFF_FIRST_S, BACKOFF_MAX_S, iso, utcnow
@@ -79,6 +81,9 @@ async def run_job(cfg: Config, db: Database, command: str,
     metrics_file = Path(cfg["report"]["metrics_file"]) if cfg["report"]["metrics_file"] else None
     ticker = (asyncio.create_task(_metrics(metrics_file, run_id, command, job, float(cfg["report"]["progress_interval_s"])))
               if metrics_file is not None else None)
+    live = None
+    if not verbose and progress_display.wanted(cfg["report"]["console"], sys.stderr):
+        live = asyncio.create_task(progress_display.show(job, command))
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -116,7 +121,7 @@ async def run_job(cfg: Config, db: Database, command: str,
         summary = {"error": f"{type(exc).__name__}: {exc}"}
         raise
     finally:
-        for task in (beat, ticker):
+        for task in (beat, ticker, live):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -22,6 +22,18 @@ LEVELS = ("debug", "info", "warning", "error")
 _console_level = "info"
 
 
+_console_writer: Any = None  # while a live display runs: it prints the console's lines above itself
+
+
+def set_console_writer(writer: Any) -> None:
+    global _console_writer
+    _console_writer = writer
+
+
+def console_level() -> str:
+    return _console_level
+
+
 def set_console_level(level: str) -> None:
     """The least level shown on the console (the JSON log keeps every event): `-v` is debug,
     `-q` warning."""
@@ -60,8 +72,12 @@ class _Fanout:
             self._to_file(event)
         if self.console is not None and (self.verbose or _shown(event)):
             try:
-                self.console.write(render_line(event) + "\n")
-                self.console.flush()
+                if _console_writer is not None:
+                    if event["event"] != "progress":  # the live display shows it
+                        _console_writer(render_line(event))
+                else:
+                    self.console.write(render_line(event) + "\n")
+                    self.console.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken terminal: the JSON log still has it
         raise structlog.DropEvent

@@ -81,3 +81,40 @@ async def test_tail_follows_a_run_that_starts_after_it_and_returns_when_it_ends(
         # A named run that has ended: its whole log, then back at once.
         code, again, _ = await run_cli("tail", run_id, "--config", str(cfg))
         assert code == 0 and again.splitlines() == lines
+
+
+async def test_a_terminal_gets_a_live_progress_display_and_the_final_line(dsn, repo, tmp_path):
+    import os
+    import pty
+    import sys
+
+    from tests.acceptance.test_cli import ROOT, cli_env
+    async with UpstreamSimulator() as sim:
+        await scene(dsn, sim)
+        cfg = config_file(dsn, repo, sim, tmp_path)
+        master, slave = pty.openpty()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crawler", "figures", "--config", str(cfg), cwd=ROOT,
+            env={**cli_env(), "COLUMNS": "140", "TERM": "xterm"}, stdout=asyncio.subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        seen = bytearray()
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            while True:  # until the child's end closes the terminal (EIO), bounded by the run itself
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                seen.extend(chunk)
+
+        reader = loop.run_in_executor(None, drain)
+        await asyncio.wait_for(proc.wait(), 60)
+        await asyncio.wait_for(reader, 10)
+        os.close(master)
+        text = seen.decode(errors="replace")
+        assert proc.returncode == 0, text[-2000:]
+        assert "rows/s" in text and "ETA" in text and "/ 48 rows" in text  # the live display drew
+        assert "figures finished: attempted=48" in text  # and the final line stays
