@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gitindex
+from . import gitindex, native
 
 OBJ_COMMIT, OBJ_TREE, OBJ_BLOB, OBJ_OFS_DELTA = 1, 2, 3, 6
 FOLDER_MODE = b"40000"
@@ -786,6 +786,10 @@ class _Worker:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+    # One malloc arena, and memory freed after each call handed back to the system: a new
+    # shared index part streams a hundred MB through short-lived objects, and glibc otherwise
+    # keeps those pages (the job does the same: crawler/native.py).
+    native.one_malloc_arena()
     worker = _Worker()
     while True:
         try:
@@ -814,6 +818,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             reply = ("error", f"{type(exc).__name__}: {exc}")
         pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
         replies.flush()
+        native.malloc_trim()
     worker.close()
 
 
