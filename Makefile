@@ -31,6 +31,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m bench $(ARGS)
 	$(PY) -m bench.tarball
 	$(PY) -m bench.index
+	$(PY) -m bench.status
 
 clean:
 	rm -rf $(VENV) .sandbox reports build *.egg-info

@@ -50,7 +50,10 @@ def _shown(event: dict[str, Any]) -> bool:
         rank = 0
     return rank >= LEVELS.index(_console_level)
 FLUSH_EVERY_S = 0.5
-FILE_ONLY_KEYS = frozenset({"config"})  # the effective config is long: the JSON log keeps it
+# Long values the JSON log keeps and the console leaves out (the effective config, a run's
+# per-host and per-error tables: the summary line and summary.md say them readably).
+FILE_ONLY_KEYS = frozenset({"config", "per_host", "errors", "transient_errors", "failed_errors",
+                            "requests_per_budget", "head_404_untrusted", "unrecorded", "refused_rows", "missing_rows"})
 
 
 class _Fanout:
