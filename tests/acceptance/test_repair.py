@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from crawler.sandbox import images, pg
 from crawler.sandbox.simulator import Behaviour, UpstreamSimulator
@@ -53,7 +52,7 @@ async def select_only_role(dsn: str) -> str:
         await conn.execute(f"drop role if exists {role}")
         await conn.execute(f"create role {role} login")
         await conn.execute(f'grant connect on database "{db}" to {role}')
-        await conn.execute(f"revoke create on schema public from public")
+        await conn.execute("revoke create on schema public from public")
         await conn.execute(f"grant usage on schema public to {role}")
         await conn.execute(f"grant select on artifacts to {role}")
     finally:
@@ -234,17 +233,22 @@ async def test_a_file_that_is_not_a_changeset_is_one_line_and_exit_2(dsn, tmp_pa
     assert code == 2 and err.count("\n") == 1 and "no run nosuchrun" in err
 
 
+async def direct_run(dsn: str, repo: Path, sim: UpstreamSimulator, tmp_path: Path
+                     ) -> tuple[dict[str, Any], Path, str, list[str]]:
+    """The scene's rows, a direct figures run: (rows before, its config, its run id, the paths it committed)."""
+    rows, bodies, _gone, _flaky = scene(sim)
+    await insert_figures(dsn, rows)
+    original = await rows_by_id(dsn)
+    rw = config(dsn, repo, sim, tmp_path, "rw")
+    code, _, err = await run_cli("figures", "--config", str(rw))
+    assert code == 0, err
+    fetched = await rows_by_id(dsn)
+    return original, rw, run_id_of(tmp_path, "figures"), sorted(fetched[r]["file_path"] for r in bodies)
+
+
 async def test_undo_with_revert_commits_takes_the_runs_files_off_the_branch(dsn, repo, tmp_path):
     async with UpstreamSimulator() as sim:
-        rows, bodies, gone, flaky = scene(sim)
-        await insert_figures(dsn, rows)
-        original = await rows_by_id(dsn)
-        rw = config(dsn, repo, sim, tmp_path, "rw")
-        code, _, err = await run_cli("figures", "--config", str(rw))
-        assert code == 0, err
-        run = run_id_of(tmp_path, "figures")
-        fetched = await rows_by_id(dsn)
-        paths = sorted(fetched[r]["file_path"] for r in bodies)
+        original, rw, run, paths = await direct_run(dsn, repo, sim, tmp_path)
         head = git(repo, "rev-parse", "HEAD")
 
         frozen = await snapshot(dsn)
@@ -335,14 +339,7 @@ async def test_a_changeset_that_changes_a_row_twice_applies_in_order_and_once(ds
 
 async def test_a_revert_commit_that_failed_is_exit_3_and_the_same_undo_again_takes_the_files_off(dsn, repo, tmp_path):
     async with UpstreamSimulator() as sim:
-        rows, bodies, gone, flaky = scene(sim)
-        await insert_figures(dsn, rows)
-        rw = config(dsn, repo, sim, tmp_path, "rw")
-        code, _, err = await run_cli("figures", "--config", str(rw))
-        assert code == 0, err
-        run = run_id_of(tmp_path, "figures")
-        fetched = await rows_by_id(dsn)
-        paths = sorted(fetched[r]["file_path"] for r in bodies)
+        _, rw, run, paths = await direct_run(dsn, repo, sim, tmp_path)
         lock = repo / ".git" / "index.lock"
         lock.write_text("")  # someone's git, holding the index
         short = tmp_path / "short.toml"
