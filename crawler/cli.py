@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from . import config as config_mod
 from . import engine, logs, native, redact, report
 from .changeset import ChangesetError, ChangesetFile
 from .config import Config, ConfigError
-from .db import Database, DatabaseError, is_connection_error
+from .db import Database, DatabaseError, JobBusy, is_connection_error
 from .git import GitError
 from .paths import PathError
 
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("apply", "undo"):
             return asyncio.run(run_repair(cfg, command, args))
         return asyncio.run(run_commands(cfg, command, args))
-    except (ChangesetError, UsageError) as exc:
+    except (ChangesetError, UsageError, JobBusy) as exc:
         return fail(str(exc), engine.EXIT_USAGE)
     except ConfigError as exc:
         return fail(f"bad configuration: {exc}", engine.EXIT_USAGE)
@@ -293,8 +296,19 @@ async def run_recover(cfg: Config, db: Database, args: argparse.Namespace) -> in
     if approve is not None and not approve.is_file():
         raise ConfigError(f"--approve {approve}: no such file")
     opts = RecoverOptions(plan=getattr(args, "plan", False), approve=approve, changeset=_changeset_path(args))
-    status, summary = await engine.run_job(cfg, db, "recover", lambda run_id: RecoverJob(cfg, db, run_id, opts),
-                                           verbose=args.verbose, record_run=not (opts.plan or opts.changeset))
+    run_id = engine.new_run_id("recover")
+    lock = None
+    if not opts.plan:  # one recover at a time (two would bind, copy and commit the same files)
+        since = datetime.now(UTC).strftime("%H:%M:%SZ")
+        lock = await db.job_lock("recover", f"crawler {run_id} {socket.gethostname()} pid {os.getpid()} since {since}",
+                                 cfg["db"]["dsn"], cfg["db"]["connect_timeout_s"])
+    try:
+        status, summary = await engine.run_job(cfg, db, "recover", lambda rid: RecoverJob(cfg, db, rid, opts),
+                                               verbose=args.verbose, record_run=not (opts.plan or opts.changeset),
+                                               run_id=run_id)
+    finally:
+        if lock is not None:
+            await lock.close()
     print_recover_line(summary)
     return status
 

@@ -35,6 +35,10 @@ class DatabaseError(Exception):
     """The database cannot be reached or used; str() is one line for the operator."""
 
 
+class JobBusy(Exception):
+    """Another run of a one-at-a-time job holds its lock; str() names it, in one line."""
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -149,6 +153,25 @@ class Database:
                 if version not in applied:
                     await conn.execute(text.replace("{schema}", self._idents["schema"]))
                     await conn.execute(self._sql(Q.RECORD_VERSION), version)
+
+    # -- one job at a time -------------------------------------------------------------------
+    async def job_lock(self, name: str, holder: str, dsn: str, timeout_s: float) -> asyncpg.Connection:
+        """A connection holding the advisory lock `name` for as long as it is open; its
+        application_name (`holder`) is what a second run is told. Raises JobBusy naming the
+        holder when someone else has it. Works in read-only mode (a lock is not a write)."""
+        key = f"crawler:{self.schema_name}:{name}"
+        conn = await asyncpg.connect(dsn, timeout=timeout_s, server_settings={"application_name": holder[:63]})
+        try:
+            if await conn.fetchval(Q.TRY_JOB_LOCK, key):
+                return conn
+            row = await conn.fetchrow(Q.JOB_LOCK_HOLDER, key)
+        except BaseException:
+            await conn.close()
+            raise
+        await conn.close()
+        who = f"{row['application_name']} (connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z})" \
+            if row and row["application_name"] else "another run (this role may not see which)"
+        raise JobBusy(f"another {name} run holds its lock: {who}; one {name} at a time")
 
     # -- runs ---------------------------------------------------------------------------------
     async def start_run(self, run_id: str, command: str, config: dict[str, Any]) -> None:

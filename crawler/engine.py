@@ -63,11 +63,11 @@ async def open_database(cfg: Config, read_only: bool = False) -> Database:
 
 async def run_job(cfg: Config, db: Database, command: str,
                   make_job: Callable[[str], Job], verbose: bool = False,
-                  record_run: bool = True) -> tuple[int, dict[str, Any]]:
+                  record_run: bool = True, run_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """Run one job as a run of its own; returns (exit status, summary). With `record_run`
     false (a plan) the database is not written at all, not even the runs table: the run exists
     only in its report folder."""
-    run_id = new_run_id(command)
+    run_id = run_id or new_run_id(command)
     folder = report.run_dir(Path(cfg["report"]["dir"]), run_id)
     logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()

@@ -205,6 +205,17 @@ select n.oid is not null as exists,
                 and has_table_privilege(c.oid, 'select')) as readable
 from (select 1) one left join pg_namespace n on n.nspname = $1::text"""
 
+# One job at a time (recover): a session-level advisory lock, held by a connection of its own for
+# the run's life and let go by PostgreSQL when that connection ends (a killed run included).
+# $1 = the lock's name. Who holds it: that session's application_name, which names the run.
+TRY_JOB_LOCK = "select pg_try_advisory_lock(hashtextextended($1::text, 0))"
+JOB_LOCK_HOLDER = """
+select a.application_name, a.backend_start
+from pg_locks l join pg_stat_activity a on a.pid = l.pid
+where l.locktype = 'advisory' and l.granted and l.objsubid = 1
+  and ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($1::text, 0) & x'ffffffffffffffff'::bigint)
+limit 1"""
+
 LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"
 
 # -- the recovery job ---------------------------------------------------------------------------

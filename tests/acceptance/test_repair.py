@@ -380,3 +380,27 @@ async def test_a_plan_with_a_limit_counts_only_that_many_rows_per_budget(dsn, re
         assert code == 0, err
         assert "2 rows to try" in out and "at least 0:00:04" in out, out  # 2 rows at 0.5/s, not 6
         assert not sim.log
+
+
+async def test_a_second_recover_while_one_runs_is_exit_2_naming_the_holder(dsn, repo, tmp_path):
+    from crawler import engine
+    from tests.harness import recover_config
+    cfg_obj = recover_config(dsn, repo, tmp_path)
+    path = tmp_path / "recover.toml"
+    path.write_text(to_toml({"db": {"dsn": dsn}, "artifacts": {"root": str(repo)},
+                             "recovery": {"checkout": str(repo), "s3_prefix": "", "staging_dir": str(tmp_path / "st")},
+                             "report": {"dir": str(tmp_path / "reports"), "console": False}}))
+    db = await engine.open_database(cfg_obj)
+    try:  # a recover run in progress elsewhere: the lock, held as the CLI holds it
+        held = await db.job_lock("recover", "crawler 20261202T000000Z-recover-abcdef host-a pid 4242 since 07:00:00Z",
+                                 dsn, 10)
+        code, _, err = await run_cli("recover", "--config", str(path))
+        assert code == 2 and err.count("\n") == 1, err
+        assert "20261202T000000Z-recover-abcdef host-a pid 4242" in err and "one recover at a time" in err
+        code, _, err = await run_cli("recover", "--plan", "--config", str(path))
+        assert code == 0, err  # a plan changes nothing: it needs no lock
+        await held.close()  # the other run ends (or dies: its connection goes, and the lock with it)
+        code, _, err = await run_cli("recover", "--config", str(path))
+        assert code == 0, err
+    finally:
+        await db.close()
