@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -217,18 +218,7 @@ class FigureJob:
                 continue
             if group is None and None not in eligible:
                 continue
-            after = ""
-            while True:
-                rows = await self.db.figure_page(group, after, self.cfg["db"]["page_size"], self._now_iso,
-                                                 self.opts.retry_failed)
-                if not rows:
-                    break
-                after = rows[-1]["id"]
-                for row in rows:
-                    row["candidates"] = self._candidates(row)
-                present, _found = await files.look(self.root, [
-                    (paths.recorded(self.root, r["file_path"]),
-                     list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
+            async for rows, present, _found in self._pages(group):
                 for row, is_present in zip(rows, present):
                     counts = per_host[row["host"] or UNPARSEABLE]
                     if self.changes is not None and self.changes.holds(row["id"]):
@@ -290,22 +280,27 @@ class FigureJob:
                  budgets={k: {"hosts": len(v[0] or []), "workers": v[1]} for k, v in plan.items()})
         return plan
 
-    async def _produce(self, hosts: list[str] | None, queue: asyncio.Queue[Any], workers: int) -> None:
+    async def _pages(self, hosts: list[str] | None) -> AsyncIterator[tuple[list[dict[str, Any]], list[bool], list[Any]]]:
+        """Keyset pages of the rows due whose host is in `hosts` (None: rows whose host cannot
+        be parsed), each with where its file would go and what is already on disk: found in one
+        thread hop per page, so a row never waits on the file system before its request."""
         after = ""
         page_size = self.cfg["db"]["page_size"]
+        while not self._stopping.is_set():
+            rows = await self._page(hosts, after, page_size)
+            if not rows:
+                return
+            after = rows[-1]["id"]
+            for row in rows:
+                row["candidates"] = self._candidates(row)
+            present, on_disk = await files.look(self.root, [
+                (paths.recorded(self.root, r["file_path"]),
+                 list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
+            yield rows, present, on_disk
+
+    async def _produce(self, hosts: list[str] | None, queue: asyncio.Queue[Any], workers: int) -> None:
         try:
-            while not self._stopping.is_set():
-                rows = await self._page(hosts, after, page_size)
-                if not rows:
-                    break
-                after = rows[-1]["id"]
-                # Where each row's file would go, and what is already on disk, in one thread hop
-                # per page: a row never waits on the file system before its request.
-                for row in rows:
-                    row["candidates"] = self._candidates(row)
-                present, on_disk = await files.look(self.root, [
-                    (paths.recorded(self.root, r["file_path"]),
-                     list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
+            async for rows, present, on_disk in self._pages(hosts):
                 for row, is_present, found in zip(rows, present, on_disk):
                     if self.changes is not None and self.changes.holds(row["id"]):
                         self.tally.counts["in_changeset"] += 1
