@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "tail":
         from . import tail
         try:
-            return tail.follow(Path(cfg["report"]["dir"]), args.run_id, float(cfg["report"]["progress_interval_s"]))
+            return tail.follow(Path(cfg["report"]["dir"]), args.run_id, float(cfg["report"]["progress_interval_s"]),
+                               max_wait_s=tail.NAMED_WAIT_S if args.run_id else None)
         except KeyboardInterrupt:
             return engine.EXIT_INTERRUPTED
     global _SECRETS

@@ -91,6 +91,9 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, table: str, schema: str, read_only: bool = False) -> None:
         self._pool = pool
         self.read_only = read_only
+        self._dsn = ""
+        self._connect_timeout_s = 10.0
+        self._beat_conn: asyncpg.Connection | None = None  # the heartbeat's own: never queued behind pages
         self.table_name = table
         self.schema_name = schema
         self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
@@ -113,9 +116,14 @@ class Database:
                 command_timeout=statement_timeout_s + timeout_s if statement_timeout_s else None)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError) as exc:
             raise DatabaseError(f"cannot connect to the database: {exc}") from None
-        return cls(pool, table, schema, read_only)
+        db = cls(pool, table, schema, read_only)
+        db._dsn, db._connect_timeout_s = dsn, timeout_s
+        return db
 
     async def close(self) -> None:
+        if self._beat_conn is not None:
+            await self._beat_conn.close()
+            self._beat_conn = None
         await self._pool.close()
 
     def _sql(self, text: str) -> str:
@@ -169,8 +177,9 @@ class Database:
             await conn.close()
             raise
         await conn.close()
-        who = f"{row['application_name']} (connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z})" \
-            if row and row["application_name"] else "another run (this role may not see which)"
+        since = f" (connected since {row['backend_start']:%Y-%m-%d %H:%M:%S %Z})" if row and row["backend_start"] else ""
+        who = f"{row['application_name']}{since}" if row and row["application_name"] \
+            else "another run (this database role may not see which)"
         raise JobBusy(f"another {name} run holds its lock: {who}; one {name} at a time")
 
     # -- runs ---------------------------------------------------------------------------------
@@ -179,7 +188,11 @@ class Database:
                                  socket.gethostname(), os.getpid())
 
     async def heartbeat(self, run_id: str, progress: dict[str, Any]) -> None:
-        await self._pool.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
+        """On a connection of its own: with a producer per host the pool's connections can all
+        be busy with pages, and a heartbeat waiting behind them would show a healthy run lost."""
+        if self._beat_conn is None or self._beat_conn.is_closed():
+            self._beat_conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
+        await self._beat_conn.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
 
     async def recent_runs(self, limit: int, lost_after_s: float) -> list[dict[str, Any]]:
         out = []
@@ -189,6 +202,10 @@ class Database:
                 d[key] = json.loads(d[key]) if d[key] is not None else None
             out.append(d)
         return out
+
+    async def latest_recover_summary(self) -> dict[str, Any] | None:
+        value = await self._pool.fetchval(self._sql(Q.LATEST_RECOVER_SUMMARY))
+        return json.loads(value) if value is not None else None
 
     async def row_states(self, now_iso: str) -> list[dict[str, Any]]:
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):

@@ -72,10 +72,16 @@ async def run_job(cfg: Config, db: Database, command: str,
     logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()
     t0 = time.monotonic()
+    # The job is built before the run is recorded: one that cannot be built (a bad path
+    # resolver) leaves no run `running` for ever.
+    try:
+        job = make_job(run_id)
+    except BaseException:
+        logs.close()
+        raise
     if record_run:
         await db.start_run(run_id, command, cfg.masked())
     log.info("run.start", command=command, config=cfg.masked(), report_dir=str(folder))
-    job = make_job(run_id)
     signals = 0
     beat = asyncio.create_task(_heartbeat(db, run_id, job, float(cfg["run"]["heartbeat_s"]))) if record_run else None
     metrics_file = Path(cfg["report"]["metrics_file"]) if cfg["report"]["metrics_file"] else None

@@ -14,7 +14,7 @@ from typing import Any
 
 
 def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render(run_id: str, command: str, progress: dict[str, Any], status: str | None = None) -> str:

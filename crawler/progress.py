@@ -52,17 +52,20 @@ def _figures(command: str, p: dict[str, Any]) -> RenderableType:
     budgets = Table(box=None, padding=(0, 2), show_edge=False, header_style="bold")
     for col, right in (("budget", False), ("in flight", True), ("queued", True), ("requests", True), ("paused", False)):
         budgets.add_column(col, justify="right" if right else "left")
-    named = [(n, b) for n, b in (p.get("budgets") or {}).items() if not n.startswith("default:")]
-    unnamed = [b for n, b in (p.get("budgets") or {}).items() if n.startswith("default:")]
-    for name, b in sorted(named)[:NAMED_SHOWN]:
-        budgets.add_row(name, str(b.get("inflight", 0)), str(b.get("queue", 0)), f"{b.get('requests', 0):,}",
-                        f"until {b['paused_until'][11:19]}" if b.get("paused_until") else "")
-    if unnamed:
-        paused = sum(1 for b in unnamed if b.get("paused_until"))
-        budgets.add_row(f"default ({len(unnamed)} hosts)", str(sum(b.get("inflight", 0) for b in unnamed)),
-                        str(sum(b.get("queue", 0) for b in unnamed)), f"{sum(b.get('requests', 0) for b in unnamed):,}",
-                        f"{paused} hosts paused" if paused else "")
+    for name, b in sorted((p.get("budgets") or {}).items())[:NAMED_SHOWN]:
+        if name == "default" and "hosts" in b:  # the hosts no budget names, summed by the job
+            paused = f"{b['hosts_paused']} hosts paused" if b.get("hosts_paused") else ""
+            name = f"default ({b['hosts']} hosts)"
+        else:
+            paused = f"until {b['paused_until'][11:19]}" if b.get("paused_until") else ""
+        budgets.add_row(_plain(name), str(b.get("inflight", 0)), str(b.get("queue", 0)), f"{b.get('requests', 0):,}",
+                        paused)
     return Group(head, outcome, budgets)
+
+
+def _plain(text: str) -> str:
+    """No control characters from a host name on the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _recover(p: dict[str, Any]) -> RenderableType:
@@ -75,7 +78,7 @@ def _recover(p: dict[str, Any]) -> RenderableType:
         grid = Table.grid(padding=(0, 1))
         grid.add_row(Text("tarball", style="bold"), _bar(int(reading["tarball_bytes_read"]), int(reading["tarball_size"])),
                      Text(f"{reading['tarball_bytes_read'] / 2**20:,.1f} / {reading['tarball_size'] / 2**20:,.1f} MiB  "
-                          f"{reading['tarball']}"))
+                          f"{_plain(reading['tarball'])}"))
         parts.append(grid)
     return Group(*parts)
 

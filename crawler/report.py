@@ -42,6 +42,13 @@ def _residual(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def _c(value: Any) -> str:
+    """A table cell or inline value from outside (a host, a URL, an error): no markup, no line
+    break, no `|` that would end the cell, no control character."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _n(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
@@ -70,7 +77,7 @@ def render_markdown(s: dict[str, Any], residual: list[dict[str, str]] | None = N
                   "| what | rows or files | why | artifact ids (first 20) |", "|---|---:|---|---|"]
         for u in s["unrecorded"]:
             where = f" ({u['source']})" if u.get("source") else ""
-            lines.append(f"| {u['what']}{where} | {u['count']} | {u['why']} | {', '.join(u['artifact_ids'])} |")
+            lines.append(f"| {_c(u['what'] + where)} | {u['count']} | {_c(u['why'])} | {_c(', '.join(u['artifact_ids']))} |")
     if s.get("fatal"):
         lines += ["", f"**Stopped:** {s['fatal']}"]
     if s.get("error"):
@@ -105,13 +112,13 @@ def _figures(s: dict[str, Any]) -> list[str]:
                     f"{', '.join(s['head_404_untrusted'])}."]
     out += ["", "| host | attempted | fetched | unavailable | transient | failed |", "|---|---:|---:|---:|---:|---:|"]
     for host, c in sorted((s.get("per_host") or {}).items()):
-        out.append(f"| {host} | {_n(c.get('attempted', 0))} | {_n(c.get('fetched', 0))} | {_n(c.get('hard_404', 0))} | "
+        out.append(f"| {_c(host)} | {_n(c.get('attempted', 0))} | {_n(c.get('fetched', 0))} | {_n(c.get('hard_404', 0))} | "
                    f"{_n(c.get('transient', 0))} | {_n(c.get('failed', 0))} |")
     if s.get("requests_per_budget"):
-        out += ["", "Requests per budget: " + ", ".join(f"{k} {_n(v)}" for k, v in sorted(s["requests_per_budget"].items())) + "."]
+        out += ["", "Requests per budget: " + ", ".join(f"{_c(k)} {_n(v)}" for k, v in sorted(s["requests_per_budget"].items())) + "."]
     if s.get("failed_rows"):
         out += ["", "#### Failed rows, for a human (first 100)", "", "| artifact_id | error | url |", "|---|---|---|"]
-        out += [f"| {r['artifact_id']} | {r['error']} | {r['url']} |" for r in s["failed_rows"][:100]]
+        out += [f"| {_c(r['artifact_id'])} | {_c(r['error'])} | {_c(r['url'])} |" for r in s["failed_rows"][:100]]
     return out
 
 
@@ -139,7 +146,7 @@ def _recover(s: dict[str, Any], residual: list[dict[str, str]]) -> list[str]:
     if residual:
         out += ["", f"#### Residual list: {len(residual)} rows left without a file", "",
                 "| artifact_id | type | why |", "|---|---|---|"]
-        out += [f"| {r['artifact_id']} | {r['artifact_type']} | {r['failure_mode']} |" for r in residual[:RESIDUAL_LISTED]]
+        out += [f"| {_c(r['artifact_id'])} | {_c(r['artifact_type'])} | {_c(r['failure_mode'])} |" for r in residual[:RESIDUAL_LISTED]]
         if len(residual) > RESIDUAL_LISTED:
             out.append(f"| … | | {len(residual) - RESIDUAL_LISTED} more in residual.csv |")
     return out
@@ -152,7 +159,7 @@ def _repair(s: dict[str, Any]) -> list[str]:
            f"{_n(s.get('already', 0))} already as wanted, {_n(s.get('refused', 0))} refused."]
     if s.get("refused_rows"):
         out += ["", "| artifact_id | why | differs |", "|---|---|---|"]
-        out += [f"| {r['artifact_id']} | {r['why']} | {' '.join(r['differs'])} |" for r in s["refused_rows"][:100]]
+        out += [f"| {_c(r['artifact_id'])} | {_c(r['why'])} | {_c(' '.join(r['differs']))} |" for r in s["refused_rows"][:100]]
     return out
 
 

@@ -29,10 +29,11 @@ RECOVERY_TYPES = ("dataset", "model", "tabular_dataset")
 
 async def gather(cfg: Config, db: Database) -> dict[str, Any]:
     lost_after = 3 * float(cfg["run"]["heartbeat_s"])
-    runs = await db.recent_runs(RECENT, lost_after) if await db.has_state() else []
+    state = await db.has_state()
+    runs = await db.recent_runs(RECENT, lost_after) if state else []
     now = datetime.now(UTC)
     rows: dict[str, dict[str, int]] = {}
-    latest_recover = next((r for r in runs if r["command"] == "recover" and r["summary"]), None)
+    latest_recover = await db.latest_recover_summary() if state else None
     for r in await db.row_states(iso(now)):
         t, n = r["type"], r["rows"]
         if t == "paper_figure":
@@ -45,7 +46,7 @@ async def gather(cfg: Config, db: Database) -> dict[str, Any]:
             without = max(n - bound - unrecoverable, 0)
             review = 0
             if latest_recover is not None:
-                review = min(without, latest_recover["summary"].get("per_type", {}).get(t, {}).get("needs_review", 0))
+                review = min(without, latest_recover.get("per_type", {}).get(t, {}).get("needs_review", 0))
             counts = {"bound": bound, "needs_review": review, "unrecoverable": unrecoverable, "missing": without - review}
         rows[t] = {"rows": n, **counts}
     out_runs = []
@@ -102,6 +103,10 @@ def _progress_lines(p: dict[str, Any]) -> list[str]:
                + ", ".join(f"{k} {v}" for k, v in (p.get("counts") or {}).items())]
         for name, b in sorted((p.get("budgets") or {}).items()):
             paused = f", paused until {b['paused_until']}" if b.get("paused_until") else ""
+            if "hosts" in b:
+                name = f"default ({b['hosts']} hosts)"
+                paused = f", {b['hosts_paused']} hosts paused" if b.get("hosts_paused") else ""
+            name = "".join(c if c.isprintable() else "?" for c in name)  # a host name is not trusted
             out.append(f"budget {name}: {b.get('inflight', 0)} in flight, {b.get('queue', 0)} queued{paused}")
         return out
     if "phase" in p:  # recover

@@ -1,7 +1,8 @@
 """`crawler tail [RUN_ID]`: follow a run's log as readable lines (CONTRACT.md §2).
 
-Without RUN_ID it follows the newest run under `report.dir`; if that one has ended, it waits
-for the next run to start and follows that. It returns once the run it follows has ended (its
+Without RUN_ID it follows the newest run under `report.dir` that is still going; if none is, it
+waits for the next run to start and follows that. A RUN_ID whose log does not appear within
+NAMED_WAIT_S is no run: exit 2. It returns once the run it follows has ended (its
 `run.finish` line), exit 0. A run whose log stays silent for longer than three progress
 intervals (and at least `SILENT_MIN_S`) was killed: said in one line, exit 1.
 """
@@ -17,7 +18,11 @@ from typing import TextIO
 from .logs import render_line
 
 POLL_S = 0.2
-SILENT_MIN_S = 30.0
+# Silence that means a run was stopped without a word. Generous: a job's last commit, or an
+# apply of a long changeset, may write nothing for minutes; `crawler status` (heartbeats) is
+# the sharper test.
+SILENT_MIN_S = 300.0
+NAMED_WAIT_S = 10.0  # how long a named run's log may take to appear before "no such run"
 
 
 def _runs(root: Path) -> list[Path]:
@@ -28,14 +33,21 @@ def _ended(log: Path) -> bool:
     try:
         with open(log, "rb") as fh:
             fh.seek(max(0, log.stat().st_size - 65536))
-            return b'"event":"run.finish"' in fh.read()
+            return b'"run.finish"' in fh.read()
     except OSError:
         return False
 
 
-def follow(root: Path, run_id: str | None, progress_interval_s: float, out: TextIO = sys.stdout,
+def newest_going(root: Path) -> Path | None:
+    """The newest run whose log has no end yet (a plan that ended after it does not hide it)."""
+    going = [r for r in _runs(root) if not _ended(r / "log.jsonl")]
+    return going[-1] if going else None
+
+
+def follow(root: Path, run_id: str | None, progress_interval_s: float, out: TextIO | None = None,
            max_wait_s: float | None = None) -> int:
     """Returns the exit status. `max_wait_s` bounds waiting for a run to start (None: no bound)."""
+    out = sys.stdout if out is None else out
     silent_limit = max(3 * progress_interval_s, SILENT_MIN_S)
     began = time.monotonic()
     if run_id is not None:
@@ -48,8 +60,9 @@ def follow(root: Path, run_id: str | None, progress_interval_s: float, out: Text
     else:
         runs = _runs(root)
         newest = runs[-1] if runs else None
-        if newest is not None and not _ended(newest / "log.jsonl"):
-            folder = newest
+        going = newest_going(root)
+        if going is not None:
+            folder = going
         else:
             print(f"crawler tail: waiting for the next run under {root}/", file=sys.stderr, flush=True)
             while True:

@@ -508,14 +508,34 @@ class FigureJob:
             "eta_s": round(todo / rate, 1) if rate > 0 else None,
             "counts": {k: self.tally.counts[k] for k in ("fetched", "hard_404", "transient", "failed")},
             "commit_pending": self.committer.pending, "sink_pending": self.sink.pending,
-            "budgets": {b.name: {"queue": self._queues[b.name].qsize() if b.name in self._queues else 0,
-                                 "inflight": b.stats.inflight, "paused_s": round(b.paused_for_s, 2),
-                                 "requests": b.stats.started,
-                                 **({"paused_until": iso(utcnow() + timedelta(seconds=b.paused_for_s))}
-                                    if b.paused_for_s > 0 else {})}
-                        for b in self.budgets.all()},
+            "budgets": self._budget_progress(),
             "commits": self.committer.commits,
         }
+
+    def _budget_progress(self) -> dict[str, dict[str, Any]]:
+        """Per budget: queued, in flight, paused (until when), requests. The hosts no budget names
+        (a budget each) are summed in one entry, "default", with how many there are: thousands of
+        hosts must not make every progress line, heartbeat and metrics file grow with them."""
+        out: dict[str, dict[str, Any]] = {}
+        for b in self.budgets.all():
+            entry = {"queue": self._queues[b.name].qsize() if b.name in self._queues else 0,
+                     "inflight": b.stats.inflight, "paused_s": round(b.paused_for_s, 2), "requests": b.stats.started}
+            if not b.name.startswith("default:"):
+                if b.paused_for_s > 0:
+                    entry["paused_until"] = iso(utcnow() + timedelta(seconds=b.paused_for_s))
+                out[b.name] = entry
+                continue
+            d = out.setdefault("default", {"hosts": 0, "queue": 0, "inflight": 0, "paused_s": 0.0, "requests": 0,
+                                           "hosts_paused": 0})
+            d["hosts"] += 1
+            d["inflight"] += entry["inflight"]
+            d["requests"] += entry["requests"]
+            d["paused_s"] = max(d["paused_s"], entry["paused_s"])
+            d["hosts_paused"] += b.paused_for_s > 0
+        queue = sum(q.qsize() for n, q in self._queues.items() if n.startswith("default:"))
+        if "default" in out:
+            out["default"]["queue"] = queue
+        return out
 
     def _summary(self, interrupted: bool) -> dict[str, Any]:
         c = self.tally.counts

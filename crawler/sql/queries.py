@@ -46,7 +46,9 @@ update {schema}.runs set heartbeat_at = now(), progress = $2::jsonb where run_id
 # The newest runs, a running one silent for longer than $2 seconds shown as lost.
 RECENT_RUNS = """
 select run_id, command, started_at, finished_at, heartbeat_at, progress, host, pid, summary,
-  case when status = 'running' and coalesce(heartbeat_at, started_at) < now() - make_interval(secs => $2)
+  -- lost: silent for 3 heartbeats of its own (its config's run.heartbeat_s; $2 if it has none)
+  case when status = 'running' and coalesce(heartbeat_at, started_at) < now() - make_interval(secs =>
+         3 * coalesce((config->'run'->>'heartbeat_s')::float, $2 / 3))
        then 'lost' else status end as status
 from {schema}.runs
 order by started_at desc, run_id desc
@@ -56,21 +58,23 @@ limit $1"""
 # text, as the figure queue compares it).
 ROW_STATES = """
 select a.artifact_type as type, count(*) as rows,
-  count(*) filter (where jsonb_typeof(a.metadata) = 'object'
-                   and a.metadata->'image_unavailable' = 'true'::jsonb) as unavailable,
-  count(*) filter (where a.file_path is not null and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
-                   and coalesce(a.metadata->>'image_fetch_outcome', 'fetched') = 'fetched') as with_file,
-  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'transient'
-                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
-                   and coalesce(a.metadata->>'image_next_attempt_at', '') <= $1::text) as transient_due,
-  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'transient'
-                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)
-                   and coalesce(a.metadata->>'image_next_attempt_at', '') > $1::text) as transient_later,
-  count(*) filter (where a.metadata->>'image_fetch_outcome' = 'failed'
-                   and not coalesce(a.metadata->'image_unavailable' = 'true'::jsonb, false)) as failed,
-  count(*) filter (where jsonb_typeof(a.metadata) = 'object'
-                   and a.metadata->'file_unrecoverable' = 'true'::jsonb) as unrecoverable
+  count(*) filter (where s = 'unavailable') as unavailable,
+  count(*) filter (where s = 'unrecoverable') as unrecoverable,
+  count(*) filter (where s = 'with_file') as with_file,
+  count(*) filter (where s = 'transient_due') as transient_due,
+  count(*) filter (where s = 'transient_later') as transient_later,
+  count(*) filter (where s = 'failed') as failed
 from {table} a
+cross join lateral (select case
+  -- one state a row, the first that applies (a row is never counted twice)
+  when jsonb_typeof(a.metadata) <> 'object' then 'other'
+  when a.metadata->'image_unavailable' = 'true'::jsonb then 'unavailable'
+  when a.metadata->'file_unrecoverable' = 'true'::jsonb then 'unrecoverable'
+  when a.metadata->>'image_fetch_outcome' = 'transient'
+    then case when coalesce(a.metadata->>'image_next_attempt_at', '') <= $1::text then 'transient_due' else 'transient_later' end
+  when a.metadata->>'image_fetch_outcome' = 'failed' then 'failed'
+  when a.file_path is not null then 'with_file'
+  else 'other' end as s) st
 group by 1
 order by 1"""
 FINISH_RUN = """
@@ -215,6 +219,10 @@ from pg_locks l join pg_stat_activity a on a.pid = l.pid
 where l.locktype = 'advisory' and l.granted and l.objsubid = 1
   and ((l.classid::bigint << 32) | l.objid::bigint) = (hashtextextended($1::text, 0) & x'ffffffffffffffff'::bigint)
 limit 1"""
+
+LATEST_RECOVER_SUMMARY = """
+select summary from {schema}.runs where command = 'recover' and summary is not null
+order by started_at desc, run_id desc limit 1"""
 
 LAST_RUN = "select run_id from {schema}.runs order by started_at desc, run_id desc limit 1"
 

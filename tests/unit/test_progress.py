@@ -20,12 +20,12 @@ def test_figures_progress_shows_rows_rate_eta_budgets_and_pauses() -> None:
         "budgets": {"europepmc": {"inflight": 4, "queue": 64, "requests": 1498, "paused_s": 0.0},
                     "pmc": {"inflight": 0, "queue": 64, "requests": 1384, "paused_s": 2.0,
                             "paused_until": "2026-12-02T08:21:59Z"},
-                    "default:journals.plos.org": {"inflight": 1, "queue": 0, "requests": 202, "paused_s": 0.0},
-                    "default:www.biorxiv.org": {"inflight": 1, "queue": 2, "requests": 226, "paused_s": 0.0}}}))
+                    "default": {"hosts": 2, "inflight": 2, "queue": 2, "requests": 428, "paused_s": 0.0,
+                                "hosts_paused": 1}}}))
     assert "2,460 / 4,241 rows" in text and "61.4 rows/s" in text and "ETA 1:02:05" in text and "20 commits" in text
     assert "fetched 1,145" in text and "unavailable 1,282" in text
     assert "europepmc" in text and "1,498" in text and "until 08:21:59" in text
-    assert "default (2 hosts)" in text and "428" in text
+    assert "default (2 hosts)" in text and "428" in text and "1 hosts paused" in text
 
 
 def test_recover_progress_shows_the_phase_and_the_tarball_being_read() -> None:
