@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 
 from bench import rows, workload
+from crawler.config import to_toml
 from crawler.sandbox import pg
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -61,7 +62,7 @@ async def bare_count(dsn: str) -> float:
 
 def cli_status(dsn: str, tmp: Path) -> float:
     cfg = tmp / "status.toml"
-    cfg.write_text(f'[db]\ndsn = "{dsn}"\n[report]\ndir = "{tmp / "reports"}"\n')
+    cfg.write_text(to_toml({"db": {"dsn": dsn}, "report": {"dir": str(tmp / "reports")}}))
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "crawler", "status", "--json", "--config", str(cfg)], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)

@@ -65,6 +65,7 @@ class Timeline:
         self.starts: dict[str, dict[int, int]] = {}
         self.caps: dict[str, tuple[float, int]] = {}
         self.pauses: list[tuple[str, float, float, str]] = []
+        self._current: dict[str, tuple[int, int]] = {}  # per budget: the second of its last start, starts in it
 
     @staticmethod
     def group(name: str) -> str:
@@ -77,13 +78,13 @@ class Timeline:
 
     def started(self, budget: Budget, now: float) -> None:
         sec = self._second(now)
-        if sec != budget._second:
-            budget._second, budget._in_second = sec, 0
-        budget._in_second += 1
+        last, count = self._current.get(budget.name, (-1, 0))
+        count = count + 1 if last == sec else 1
+        self._current[budget.name] = (sec, count)
         group = self.group(budget.name)
         seconds = self.starts.setdefault(group, {})
-        if budget._in_second > seconds.get(sec, 0):
-            seconds[sec] = budget._in_second
+        if count > seconds.get(sec, 0):
+            seconds[sec] = count
         self.caps.setdefault(group, (budget.rate_per_s, budget.max_inflight))
 
     def paused(self, budget: Budget, now: float, seconds: float, reason: str) -> None:
@@ -124,8 +125,6 @@ class Budget:
         self.stats = BudgetStats()
         self.consecutive_refusals = 0  # 403/429 in a row, for the breaker
         self.timeline: Timeline | None = None
-        self._second = -1      # the run second of the last start, and how many started in it
-        self._in_second = 0
 
     @staticmethod
     def _now() -> float:

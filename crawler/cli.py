@@ -26,7 +26,7 @@ COMMANDS = {
     "run": "figures, then recover, each a run of its own (the default)",
     "report": "print the summary of the last run, or of RUN_ID",
     "demo": "the whole thing end to end on an embedded sandbox, no set-up by hand",
-    "tail": "follow the newest run's log (or RUN_ID's) as readable lines, until that run ends",
+    "tail": "follow the newest run still going (or the next to start, or RUN_ID) as readable lines, until it ends",
     "status": "runs going now and recent ones, budgets in flight or paused, rows per type by state (reads only)",
     "config": "print the effective configuration, secrets masked, each value with where it came from",
     "apply": "apply a reviewed changeset (from --changeset) through the journal",
@@ -237,18 +237,13 @@ def print_figures_plan(plan: dict) -> None:
     for name, b in sorted(plan["budgets"].items(), key=lambda kv: -kv[1]["least_s"]):
         rate = f"{b['rate_per_s']:g}" if b["rate_per_s"] else "-"
         out.append(f"{name[:28]:<28} {len(b['hosts']):>5} {b['rows']:>9} {rate:>7} {b['max_inflight']:>9} "
-                   f"{_hms(b['least_s']):>10} {_hms(b['if_all_exist_s']):>13}")
-    out += ["", f"the run takes at least {_hms(plan['least_s'])} (one request a row, at the slowest budget: "
-                f"{plan['slowest_budget'] or '-'}), {_hms(plan['if_all_exist_s'])} if every file exists (HEAD and GET)",
+                   f"{report.hms(b['least_s']):>10} {report.hms(b['if_all_exist_s']):>13}")
+    out += ["", f"the run takes at least {report.hms(plan['least_s'])} (one request a row, at the slowest budget: "
+                f"{plan['slowest_budget'] or '-'}), {report.hms(plan['if_all_exist_s'])} if every file exists (HEAD and GET)",
             "", f"{'host':<40} {'to try':>9} {'on disk':>9} {'in changeset':>13}"]
     for host, c in plan["per_host"].items():
         out.append(f"{host[:40]:<40} {c.get('to_try', 0):>9} {c.get('present', 0):>9} {c.get('in_changeset', 0):>13}")
     print("\n".join(out))
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
 
 
 async def run_repair(cfg: Config, command: str, args: argparse.Namespace) -> int:
@@ -389,18 +384,8 @@ def list_reports(cfg: Config) -> int:
         except (OSError, ValueError):
             print(f"{folder.name:<44} {'(unreadable summary)':<21}")
             continue
-        print(f"{folder.name:<44} {str(s.get('status')):<21} {_hms(float(s.get('duration_s') or 0)):>9}  {_what(s)}")
+        print(f"{folder.name:<44} {str(s.get('status')):<21} {report.hms(float(s.get('duration_s') or 0)):>9}  {report.counts_line(s.get('command'), s)}")
     return engine.EXIT_OK
-
-
-def _what(s: dict) -> str:
-    if s.get("command") == "figures":
-        return " ".join(f"{k}={s.get(k, 0)}" for k in ("attempted", "fetched", "hard_404", "transient", "failed"))
-    if s.get("command") == "recover":
-        return "; ".join(f"{t}: {c.get('bound', 0)}/{c.get('rows', 0)} bound" for t, c in sorted(s.get("per_type", {}).items()))
-    if s.get("command") in ("apply", "undo"):
-        return f"changed={s.get('changed', 0)} already={s.get('already', 0)} refused={s.get('refused', 0)}"
-    return ""
 
 
 def print_report(cfg: Config, run_id: str | None, as_json: bool, as_html: bool = False) -> int:

@@ -194,9 +194,9 @@ class Database:
             self._beat_conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
         await self._beat_conn.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
 
-    async def recent_runs(self, limit: int, lost_after_s: float) -> list[dict[str, Any]]:
+    async def recent_runs(self, limit: int, heartbeat_s: float) -> list[dict[str, Any]]:
         out = []
-        for r in await self._pool.fetch(self._sql(Q.RECENT_RUNS), limit, float(lost_after_s)):
+        for r in await self._pool.fetch(self._sql(Q.RECENT_RUNS), limit, float(heartbeat_s)):
             d = dict(r)
             for key in ("progress", "summary"):
                 d[key] = json.loads(d[key]) if d[key] is not None else None

@@ -163,7 +163,7 @@ def _write_metrics(path: Path, run_id: str, command: str, job: Job, status: str 
     """The Prometheus textfile; one that cannot be written is said once per run, never fatal."""
     from . import metrics
     try:
-        metrics.write(path, metrics.render(run_id, command, job.progress() if hasattr(job, "progress") else {}, status))
+        metrics.write(path, metrics.render(run_id, command, progress_display.progress_of(job), status))
     except Exception as exc:
         global _metrics_failed
         if _metrics_failed != run_id:
@@ -182,7 +182,7 @@ async def _heartbeat(db: Database, run_id: str, job: Job, every_s: float) -> Non
     while True:
         await asyncio.sleep(every_s)
         try:
-            progress = job.progress() if hasattr(job, "progress") else {}
+            progress = progress_display.progress_of(job)
             await asyncio.wait_for(db.heartbeat(run_id, progress), max(every_s, 1.0) * 2)
             said = False
         except Exception as exc:

@@ -56,6 +56,7 @@ class GitRepo:
         # million files).
         self.split_index = split_index
         self._split_config: str | None = None
+        self._expire_config: str | None = None
         self._legacy_done: Path | None = None
         self._new_shared: str | None = None  # the shared index part the last index write made
         self._said_unsupported = False
@@ -254,8 +255,11 @@ class GitRepo:
                                 raise  # not moved: the ref cannot be written (a stale lock, a full disk)
                     index.done()
                     if self._new_shared is not None:  # superseded shared parts, as git expires them
-                        expire = self._git("config", "--get", "splitIndex.sharedIndexExpire", absent_ok=True)
-                        gitindex.expire_shared(gitdir, keep={self._new_shared}, expire_s=gitindex.expiry_s(expire))
+                        if self._expire_config is None:  # read once a run, as core.splitIndex is
+                            self._expire_config = self._git("config", "--get", "splitIndex.sharedIndexExpire",
+                                                            absent_ok=True)
+                        gitindex.expire_shared(gitdir, keep={self._new_shared},
+                                               expire_s=gitindex.expiry_s(self._expire_config))
                         self._new_shared = None
                     # Only now, with the index published and the branch moved, is the older
                     # version's intent log repaired for good.
@@ -296,12 +300,8 @@ class GitRepo:
                     said = message if parts == 1 else f"{message} ({k + 1}/{parts})"
                     commit = self._git_bytes("commit-tree", tree, "-p", commit, "-m", said).decode().strip()
 
-                def drop(current: Path | None, nxt: Path) -> None:
-                    if current is not None:
-                        shutil.copy2(current, nxt)  # its time too: git's racily-clean check reads it
-                    self._git_bytes("update-index", "-z", "--force-remove", "--stdin", stdin=listing,
-                                    env={**self._env, "GIT_INDEX_FILE": str(nxt)})
-                index.stage(drop)
+                index.stage(lambda current, nxt: self._update_index_copy(
+                    current, nxt, "--force-remove", "--stdin", stdin=listing))
                 try:
                     self._git("update-ref", "-m", "crawler: undo", self._branch or "", commit, tip)
                 except GitError:
@@ -314,7 +314,7 @@ class GitRepo:
             if not names:
                 return commit
             now = self._git_bytes("hash-object", "--no-filters", "--stdin-paths",
-                                  stdin="".join(p + "\n" for p in names).encode("utf-8", "surrogateescape")).split()
+                                  stdin=_bytes("".join(p + "\n" for p in names))).split()
             for name, oid in zip(names, now):
                 if oid.decode() == held[name]:
                     (self.root / name).unlink(missing_ok=True)
@@ -356,22 +356,27 @@ class GitRepo:
                     if not self._said_unsupported:
                         self.warnings.append(f"the checkout's index is left to git update-index: {exc}")
                         self._said_unsupported = True
-            if current is not None:
-                shutil.copy2(current, nxt)  # its time too: git's racily-clean check reads it
-            self._git_index(b"".join(x + b"\0" for x in lines), nxt)
+            self._git_index(b"".join(x + b"\0" for x in lines), current, nxt)
         finally:
             self.index_s += time.monotonic() - t0
 
-    def _git_index(self, stdin: bytes, index_file: Path) -> None:
-        """`git update-index --index-info` on `index_file` (a copy of the checkout's index)."""
-        args = ["update-index", "-z"]
+    def _git_index(self, stdin: bytes, current: Path | None, nxt: Path) -> None:
+        """`git update-index --index-info` on `nxt`, a copy of the checkout's index `current`."""
         config: list[str] = []
+        extra: list[str] = []
         if self.split_index and self._split_unset():
             config = ["-c", "core.splitIndex=true", *SPLIT_INDEX_TUNING]
-            if _split_part_bloated(index_file):
-                args.append("--split-index")  # a new shared part: see _split_part_bloated
-        env = {**self._env, "GIT_INDEX_FILE": str(index_file)}
-        self._git_bytes(*config, *args, "--index-info", stdin=stdin, env=env)  # --index-info must come last
+            if current is not None and _split_part_bloated(current):
+                extra.append("--split-index")  # a new shared part: see _split_part_bloated
+        # --index-info must come last
+        self._update_index_copy(current, nxt, *extra, "--index-info", stdin=stdin, config=config)
+
+    def _update_index_copy(self, current: Path | None, nxt: Path, *args: str, stdin: bytes,
+                           config: Sequence[str] = ()) -> None:
+        """`git update-index -z ARGS` on `nxt`, a copy of `current` (None: no index yet)."""
+        if current is not None:
+            shutil.copy2(current, nxt)  # its time too: git's racily-clean check reads it
+        self._git_bytes(*config, "update-index", "-z", *args, stdin=stdin, env={**self._env, "GIT_INDEX_FILE": str(nxt)})
 
     def _split_unset(self) -> bool:
         """Whether the repository leaves core.splitIndex unset (an operator's own setting wins)."""
@@ -462,7 +467,8 @@ def _bytes(text: str) -> bytes:
 # entries are outside it (git's default 20 % lets the split file grow to 18 MB at a million
 # entries, rewritten by every commit); superseded shared parts (88 MB each at a million) removed
 # after an hour, not two weeks. Never sooner: the index kept for `restore` still names the last one.
-SPLIT_INDEX_TUNING = ("-c", "splitIndex.maxPercentChange=5", "-c", "splitIndex.sharedIndexExpire=1.hour.ago")
+SPLIT_INDEX_TUNING = ("-c", "splitIndex.maxPercentChange=5",
+                      "-c", f"splitIndex.sharedIndexExpire={gitindex.SHARED_EXPIRE_S}.seconds.ago")
 
 
 def _split_part_bloated(index_file: Path) -> bool:

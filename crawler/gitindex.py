@@ -194,7 +194,7 @@ class _Part:
         s = _Stream(self.fh, 12, self.end, digest)
         for _ in range(self.count):
             _entry(s, self.version)
-        self.ext_at = at = self.end - s.left - (len(s.buf) - s.pos)
+        self.ext_at = at = s.tell()
         while at < self.end:
             sig = s.take(4)
             n = int.from_bytes(s.take(4), "big")
@@ -513,7 +513,6 @@ def add(index: Path | None, out: Path, ours: Sequence[Entry], gitdir: Path) -> s
             if link is not None:
                 shared = _Part(gitdir / f"sharedindex.{link.base.hex()}")
                 os.utime(shared.path)  # in use: not expired by anyone's next new shared part (git does the same)
-            assert part is None or link is None or shared is not None
             made = None
             if part is not None and link is not None and shared is not None and \
                     not reshare_due(shared.count, part.count + len(ours) + len(link.deleted)):
@@ -616,7 +615,7 @@ def _reshare(part: _Part | None, link: _Link | None, shared: _Part | None, ours:
         split.abandon()
         raise
     split.finish()
-    return f"sharedindex.{oid.hex()}"
+    return name
 
 
 def _applied(base: Iterator[Entry], link: _Link, part: _Part) -> Iterator[Entry]:

@@ -536,7 +536,7 @@ class PackCommitter:
         self._reader.close()
 
     def _load(self, oid: bytes) -> Folder:
-        kept = self._let_go_recently.pop(oid, None) if isinstance(oid, bytes) else None
+        kept = self._let_go_recently.pop(oid, None)
         if kept is not None:
             self._let_go_bytes -= kept.size() + FOLDER_OVERHEAD
             return kept

@@ -19,16 +19,15 @@ from rich.table import Table
 from rich.text import Text
 
 from . import logs
+from .report import hms
 
 REFRESH_S = 0.5
 NAMED_SHOWN = 12  # budget lines shown; the rest summed
 
 
-def hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-:--:--"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
+def progress_of(job: Any) -> dict[str, Any]:
+    """Where a job stands (its progress()), or nothing for a job that does not say."""
+    return job.progress() if hasattr(job, "progress") else {}
 
 
 def render(command: str, p: dict[str, Any]) -> RenderableType:
@@ -99,7 +98,7 @@ async def show(job: Any, command: str) -> None:
         try:
             while True:
                 try:
-                    live.update(render(command, job.progress() if hasattr(job, "progress") else {}))
+                    live.update(render(command, progress_of(job)))
                 except Exception:  # a display that cannot draw must never stop the run
                     pass
                 await asyncio.sleep(REFRESH_S)

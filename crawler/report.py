@@ -7,7 +7,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-FIGURE_COUNTS = ("attempted", "fetched", "hard_404", "transient", "failed", "no_url")
+def hms(seconds: float | None) -> str:
+    """A duration as h:mm:ss ("-:--:--" when unknown)."""
+    if seconds is None:
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
+
+
+def counts_line(command: str | None, s: dict[str, Any]) -> str:
+    """A run's outcome in a few words, for one-line listings (`report --list`, `status`)."""
+    if command == "figures":
+        return " ".join(f"{k}={s.get(k, 0)}" for k in ("attempted", "fetched", "hard_404", "transient", "failed"))
+    if command == "recover":
+        return "; ".join(f"{t}: {c.get('bound', 0)}/{c.get('rows', 0)} bound" for t, c in sorted(s.get("per_type", {}).items()))
+    if command in ("apply", "undo"):
+        return f"changed={s.get('changed', 0)} already={s.get('already', 0)} refused={s.get('refused', 0)}"
+    return ""
 
 
 def run_dir(report_root: Path, run_id: str) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import Config
 from .db import Database
+from .report import counts_line, hms
 from .sink import iso
 
 RECENT = 10
@@ -30,7 +31,7 @@ RECOVERY_TYPES = ("dataset", "model", "tabular_dataset")
 async def gather(cfg: Config, db: Database) -> dict[str, Any]:
     lost_after = 3 * float(cfg["run"]["heartbeat_s"])
     state = await db.has_state()
-    runs = await db.recent_runs(RECENT, lost_after) if state else []
+    runs = await db.recent_runs(RECENT, float(cfg["run"]["heartbeat_s"])) if state else []
     now = datetime.now(UTC)
     rows: dict[str, dict[str, int]] = {}
     latest_recover = await db.latest_recover_summary() if state else None
@@ -83,7 +84,7 @@ def render(state: dict[str, Any]) -> str:
         if r["status"] == "lost":
             tail = f"  (no heartbeat since {r['heartbeat_at'] or r['started_at']})"
         elif r.get("summary"):
-            tail = "  " + _summary_words(r["command"], r["summary"])
+            tail = "  " + counts_line(r["command"], r["summary"])
         lines.append(f"  {r['run_id']:<40} {r['status']:<21}{tail}")
     if not state["runs"]:
         lines.append("  (none recorded)")
@@ -99,7 +100,7 @@ def _progress_lines(p: dict[str, Any]) -> list[str]:
     if "done" in p:  # figures
         eta = p.get("eta_s")
         out = [f"{p['done']:,} / {p.get('planned', 0):,} rows, {p.get('rows_per_s', 0)} rows/s, "
-               f"ETA {_hms(eta) if eta is not None else '-'}, {p.get('commits', 0)} commits; "
+               f"ETA {hms(eta) if eta is not None else '-'}, {p.get('commits', 0)} commits; "
                + ", ".join(f"{k} {v}" for k, v in (p.get("counts") or {}).items())]
         for name, b in sorted((p.get("budgets") or {}).items()):
             paused = f", paused until {b['paused_until']}" if b.get("paused_until") else ""
@@ -117,16 +118,3 @@ def _progress_lines(p: dict[str, Any]) -> list[str]:
                        f"{reading['tarball_size']:,} bytes")
         return out
     return [json.dumps(p)]
-
-
-def _summary_words(command: str, s: dict[str, Any]) -> str:
-    if command == "figures":
-        return " ".join(f"{k}={s.get(k, 0)}" for k in ("attempted", "fetched", "hard_404", "transient", "failed"))
-    if command == "recover":
-        return "; ".join(f"{t}: {c.get('bound', 0)}/{c.get('rows', 0)} bound" for t, c in sorted(s.get("per_type", {}).items()))
-    return " ".join(f"{k}={s[k]}" for k in ("changed", "already", "refused") if k in s)
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"

@@ -229,11 +229,12 @@ class FigureJob:
                         counts["to_try"] += 1
         budgets: dict[str, dict[str, Any]] = {}
         for host, counts in sorted(per_host.items()):
-            name = UNPARSEABLE if host == UNPARSEABLE else self.budgets.name_for(host)
-            spec = name.split(":", 1)[0]
-            rate = next((s.rate_per_s for s in self.cfg.budgets if s.name == spec), 1.0) if name != UNPARSEABLE else None
-            b = budgets.setdefault(name, {"hosts": [], "rows": 0, "rate_per_s": rate, "max_inflight": next(
-                (s.max_inflight for s in self.cfg.budgets if s.name == spec), 1) if rate else 0})
+            if host == UNPARSEABLE:  # never requested: no budget
+                b = budgets.setdefault(UNPARSEABLE, {"hosts": [], "rows": 0, "rate_per_s": None, "max_inflight": 0})
+            else:
+                budget = self.budgets.for_host(host)
+                b = budgets.setdefault(budget.name, {"hosts": [], "rows": 0, "rate_per_s": budget.rate_per_s,
+                                                     "max_inflight": budget.max_inflight})
             b["hosts"].append(host)
             b["rows"] += counts["to_try"]
         for b in budgets.values():

@@ -43,19 +43,18 @@ class Outcome:
     done: int = 0                  # rows changed (or, dry run, that would be)
     already: int = 0               # rows that already held the target values
     refused: list[dict[str, Any]] = field(default_factory=list)
-    refused_count: int = 0
     missing: list[str] = field(default_factory=list)
 
+    @property
+    def refused_count(self) -> int:
+        return len(self.refused)
+
     def refuse(self, artifact_id: str, why: str, keys: list[str]) -> None:
-        self.refused_count += 1
-        entry = {"artifact_id": artifact_id, "why": why, "differs": keys}
-        self.refused.append(entry)
+        self.refused.append({"artifact_id": artifact_id, "why": why, "differs": keys})
 
 
 class _RepairJob:
     """Shared by apply and undo: a stop waits for nothing (the sink writes what it holds)."""
-
-    command = "repair"
 
     def __init__(self, cfg: Config, db: Database, run_id: str, dry_run: bool) -> None:
         self.cfg, self.db, self.run_id, self.dry_run = cfg, db, run_id, dry_run
@@ -112,8 +111,6 @@ class _RepairJob:
 
 class ApplyJob(_RepairJob):
     """`crawler apply FILE`: a reviewed changeset, written as the run itself would have."""
-
-    command = "apply"
 
     def __init__(self, cfg: Config, db: Database, run_id: str, file: ChangesetFile, dry_run: bool) -> None:
         super().__init__(cfg, db, run_id, dry_run)
@@ -177,8 +174,6 @@ ABSENT = object()
 class UndoJob(_RepairJob):
     """`crawler undo RUN_ID`: every artifacts-table value that run wrote (directly, or by apply
     of its changeset), back to what it was before the run."""
-
-    command = "undo"
 
     def __init__(self, cfg: Config, db: Database, run_id: str, target: str, dry_run: bool,
                  revert_commits: bool = False) -> None:

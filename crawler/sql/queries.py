@@ -43,12 +43,12 @@ values ($1, $2, $3::jsonb, $4, $5, now())"""
 HEARTBEAT = """
 update {schema}.runs set heartbeat_at = now(), progress = $2::jsonb where run_id = $1 and status = 'running'"""
 
-# The newest runs, a running one silent for longer than $2 seconds shown as lost.
+# The newest runs, a running one silent for 3 of its heartbeats ($2: the heartbeat when its config has none) shown as lost.
 RECENT_RUNS = """
 select run_id, command, started_at, finished_at, heartbeat_at, progress, host, pid, summary,
   -- lost: silent for 3 heartbeats of its own (its config's run.heartbeat_s; $2 if it has none)
   case when status = 'running' and coalesce(heartbeat_at, started_at) < now() - make_interval(secs =>
-         3 * coalesce((config->'run'->>'heartbeat_s')::float, $2 / 3))
+         3 * coalesce((config->'run'->>'heartbeat_s')::float, $2))
        then 'lost' else status end as status
 from {schema}.runs
 order by started_at desc, run_id desc

@@ -15,7 +15,7 @@ import asyncpg
 from crawler.sandbox import images, pg
 from crawler.sandbox.simulator import Behaviour, UpstreamSimulator
 from tests.acceptance.test_cli import run_cli
-from tests.harness import figure_tree, git, insert_figures, rows_by_id, to_toml
+from tests.harness import figure_tree, git, insert_figures, recover_config, rows_by_id, to_toml
 
 TIME_KEYS = ("image_last_attempt_at", "file_fetched_at", "image_404_at", "image_next_attempt_at", "file_commit")
 
@@ -279,13 +279,8 @@ async def test_recover_changeset_as_a_select_only_role_then_apply(dsn, repo, tmp
     original = await rows_by_id(dsn)
 
     def recover_toml(d: str, name: str) -> Path:
-        tree = {"db": {"dsn": d, "flush_interval_s": 0.05},
-                "artifacts": {"root": str(repo), "commit_interval_s": 0.2, "fsync": False},
-                "recovery": {"checkout": str(repo), "worktrees": [str(tmp_path / "wt" / "*" / "data" / "scidex-artifacts")],
-                             "s3_prefix": "", "staging_dir": str(tmp_path / "staging")},
-                "report": {"dir": str(tmp_path / "reports"), "console": False}}
         path = tmp_path / f"{name}.toml"
-        path.write_text(to_toml(tree))
+        path.write_text(to_toml(recover_config(d, repo, tmp_path).raw))
         return path
 
     ro, rw = recover_toml(await select_only_role(dsn), "ro"), recover_toml(dsn, "rw")
@@ -384,12 +379,9 @@ async def test_a_plan_with_a_limit_counts_only_that_many_rows_per_budget(dsn, re
 
 async def test_a_second_recover_while_one_runs_is_exit_2_naming_the_holder(dsn, repo, tmp_path):
     from crawler import engine
-    from tests.harness import recover_config
     cfg_obj = recover_config(dsn, repo, tmp_path)
     path = tmp_path / "recover.toml"
-    path.write_text(to_toml({"db": {"dsn": dsn}, "artifacts": {"root": str(repo)},
-                             "recovery": {"checkout": str(repo), "s3_prefix": "", "staging_dir": str(tmp_path / "st")},
-                             "report": {"dir": str(tmp_path / "reports"), "console": False}}))
+    path.write_text(to_toml(cfg_obj.raw))
     db = await engine.open_database(cfg_obj)
     try:  # a recover run in progress elsewhere: the lock, held as the CLI holds it
         held = await db.job_lock("recover", "crawler 20261202T000000Z-recover-abcdef host-a pid 4242 since 07:00:00Z",
