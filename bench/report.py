@@ -17,6 +17,9 @@ def _runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out += [("memory small", s["memory"]["small"]), ("memory large", s["memory"]["large"])]
     if "polite" in s:
         out.append(("polite", s["polite"]))
+    if "workers" in s:
+        out += [("workers 1", s["workers"]["n1"]), ("workers 2", s["workers"]["n2"]),
+                ("3 workers, capped", s["workers"]["three_workers_capped"])]
     if "scrapy" in s:
         counts: dict[str, int] = {}
         for r in s["scrapy"]["runs"]:
@@ -63,6 +66,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": "polite budgets kept", "target": "starts per 1 s <= rate, open <= max_inflight",
                     "measured": f"{'kept' if p['polite'] else 'BROKEN'}; closest starts {closest:.4f} x 1/rate apart",
                     "met": p["polite"]})
+    if "workers" in s:
+        w = s["workers"]
+        out.append({"name": "workers: more rows/s with 2", "target": "rows/s with --workers 2 > with 1",
+                    "measured": f"{w['n2']['rows_per_s']:,.0f} / {w['n1']['rows_per_s']:,.0f} rows/s = {w['speedup']:.2f} x",
+                    "met": (w["speedup"] or 0) > 1.0})
+        three = w["three_workers_capped"]
+        out.append({"name": "workers: no double requests, caps kept", "target": "0 repeated; starts per 1 s <= rate, open <= max_inflight",
+                    "measured": f"{three['repeated_requests']} repeated; caps {'kept' if three['caps_held'] else 'BROKEN'}",
+                    "met": three["repeated_requests"] == 0 and three["caps_held"]})
+        if "machine" in s:
+            bare = s["machine"]["bare"]
+            bare_ms = 1000 * bare["cpu_s"] / max(bare["rows"], 1)
+            job_ms = w["n1"]["cpu_ms_per_row"]["job"]
+            out.append({"name": "job CPU per row", "target": "<= 2 x the bare client's",
+                        "measured": f"{job_ms:.2f} / {bare_ms:.2f} ms = {job_ms / bare_ms:.2f} x",
+                        "met": job_ms <= 2 * bare_ms})
     return out
 
 
@@ -106,6 +125,11 @@ def notes(results: dict[str, Any]) -> list[str]:
         out.append("memory large, RSS as the rows went by (rows fetched: RSS / peak / peak with children MB): "
                    + ", ".join(f"{int(p[0]):,}: {p[1]:.0f} / {p[2]:.0f} / {p[3] if len(p) > 3 else 0:.0f}"
                                for p in picks))
+    if "workers" in s:
+        for n in (1, 2):
+            c = s["workers"][f"n{n}"]["cpu_ms_per_row"]
+            out.append(f"workers {n}: CPU ms per row: job {c['job']}, commit worker and git {c['commit_worker_and_git']}, "
+                       f"PostgreSQL {c['postgres']}, simulator {c['simulator']}, machine {c['machine']}")
     if "polite" in s:
         p = s["polite"]
         out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "

@@ -114,6 +114,10 @@ async def serve(latency_s: float, keep_log: bool, max_seconds: float) -> dict[st
         out["max_starts_in_1s"] = {h: max_starts_in_window([r.start for r in sim.log if r.host == h])
                                    for h in tally.by_host}
         out["max_inflight"] = {h: sim.max_inflight([h]) for h in tally.by_host}
+        # The same request (host, method, path) seen more than once: what cooperating processes
+        # must never do.
+        seen = Counter((r.host, r.method, r.path) for r in sim.log)
+        out["repeated"] = sum(n - 1 for n in seen.values() if n > 1)
     return out
 
 

@@ -8,6 +8,9 @@ Scenarios:
   memory   the same at a small and a large size: peak RSS must stay flat
   polite   the shipped budgets, mixed 404s and images: makespan / physical minimum
   scrapy   the lifted workload alternately through the crawler and a minimal Scrapy spider
+  workers  the lifted workload with --workers 1 and 2 (rows/s, CPU per row by process), and
+           20,000 rows with 3 workers under real caps: repeated requests and the busiest second
+           per budget at the server
 
 Each crawler job gets a fresh database (rows sent with COPY), a fresh git repository and a fresh
 simulator, and runs as `python -m crawler figures --config FILE` in a subprocess of its own,
@@ -296,7 +299,7 @@ def git_commits(root: Path) -> int:
 
 def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dict[str, Any], settings: Settings,
                 rate_guard_s: float, latency_ms: float = 0.0, keep_log: bool = False,
-                timeout_s: float | None = None) -> dict[str, Any]:
+                timeout_s: float | None = None, cli_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One measured run of the figure job on fresh rows, repository and simulator."""
     rows = sum(s.rows for s in shares)
     home = WORK / name
@@ -316,7 +319,7 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         config.write_text(to_toml(tree))
         busy0, pg0 = machine_busy_s(), postgres_cpu_s(PGDATA)
         stats, wall, stopped = run_measured(
-            ["crawler", "figures", "--config", str(config)], home / "stats.json", home / "crawler.log",
+            ["crawler", "figures", "--config", str(config), *cli_args], home / "stats.json", home / "crawler.log",
             timeout_s, home / "reports", name)
         busy, pg_cpu = machine_busy_s() - busy0, postgres_cpu_s(PGDATA) - pg0
     finally:
@@ -339,6 +342,9 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "rss_curve": stats.get("rss_curve", []),
         "peak_tree_rss_mb": round(stats.get("peak_tree_rss_kb", 0) / 1024, 1),
         "outcomes": {k: summary.get(k, 0) for k in ("fetched", "hard_404", "transient", "failed")},
+        # The figure job's processes and their children (commit worker, git), from the summary:
+        # with --workers the job runs in children of the measured process.
+        "cpu_job_s": (summary.get("cpu_s") or {}).get("self"), "cpu_job_children_s": (summary.get("cpu_s") or {}).get("children"),
         "requests_at_simulator": sim_stats["requests"], "verified": verified, "simulator": sim_stats,
     }
     asyncio.run(workload.drop_database(admin_dsn, f"bench_{name}"))
@@ -384,6 +390,40 @@ def lifted_job(admin_dsn: str, name: str, rows: int, settings: Settings) -> dict
     # it alone would cap each host at 200 requests/s however high rate_per_s is.
     return crawler_job(admin_dsn, name, spread(rows, lifted_hosts(LIFTED_HOSTS)),
                        lifted_budgets(settings.inflight_per_host), settings, rate_guard_s=0.0)
+
+
+def workers_job(admin_dsn: str, rows: int, settings: Settings) -> dict[str, Any]:
+    """Rows/s and CPU per row with --workers 1 and 2, budgets lifted; then 20,000 rows over the
+    lifted hosts with 3 workers under real caps (50 starts/s, 4 in flight per host): requests
+    the server saw twice, and each host's busiest second and most in flight against its caps."""
+    out: dict[str, Any] = {}
+    for n in (1, 2):
+        r = crawler_job(admin_dsn, f"workers-{n}", spread(rows, lifted_hosts(LIFTED_HOSTS)),
+                        lifted_budgets(settings.inflight_per_host), settings, rate_guard_s=0.0,
+                        cli_args=("--workers", str(n)))
+        done = max(r["done"], 1)
+        r["cpu_ms_per_row"] = {
+            "job": round(1000 * (r["cpu_job_s"] or 0) / done, 3),
+            "commit_worker_and_git": round(1000 * (r["cpu_job_children_s"] or 0) / done, 3),
+            "postgres": round(1000 * r["cpu_postgres_s"] / done, 3),
+            "simulator": round(1000 * r["cpu_simulator_s"] / done, 3),
+            "machine": round(1000 * r["cpu_machine_s"] / done, 3),
+        }
+        out[f"n{n}"] = r
+    out["speedup"] = round(out["n2"]["rows_per_s"] / out["n1"]["rows_per_s"], 3) if out["n1"]["rows_per_s"] else None
+    capped = {"max_inflight": 4, "rate_per_s": 50.0}
+    r = crawler_job(admin_dsn, "workers-3", spread(20_000, lifted_hosts(LIFTED_HOSTS)),
+                    {name: dict(capped) for name in ("default", "europepmc", "pmc")}, settings, rate_guard_s=0.002,
+                    keep_log=True, timeout_s=900, cli_args=("--workers", "3"))
+    sim = r["simulator"]
+    r["repeated_requests"] = sim.get("repeated")
+    r["worst_second"] = {h: {"starts": sim["max_starts_in_1s"].get(h, 0), "cap": capped["rate_per_s"],
+                             "inflight": sim["max_inflight"].get(h, 0), "inflight_cap": capped["max_inflight"]}
+                         for h in sim["by_host"]}
+    r["caps_held"] = all(v["starts"] <= v["cap"] and v["inflight"] <= v["inflight_cap"] for v in r["worst_second"].values())
+    del sim["log"]
+    out["three_workers_capped"] = r
+    return out
 
 
 def min_gap(starts: list[float]) -> float:
@@ -455,7 +495,8 @@ def scrapy_job(rows: int, settings: Settings, round_no: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: memory check at 10,000 vs 100,000 rows")
-    parser.add_argument("--only", default="machine,lifted,memory,polite,scrapy", help="comma-separated scenarios to run")
+    parser.add_argument("--only", default="machine,lifted,memory,polite,scrapy,workers",
+                        help="comma-separated scenarios to run")
     parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True,
                         help="artifacts.fsync for the crawler runs (default: on, as shipped)")
     parser.add_argument("--inflight-per-host", type=int, default=8, help="max_inflight of each lifted budget")
@@ -463,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(chosen) - {"machine", "lifted", "memory", "polite", "scrapy"}
+    unknown = set(chosen) - {"machine", "lifted", "memory", "polite", "scrapy", "workers"}
     if unknown:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
     settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
@@ -523,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         scrapy_rate = statistics.median(r["rows_per_s"] for r in runs if r["tool"] == "scrapy")
         scenarios["scrapy"] = {"runs": runs, "crawler_rows_per_s": crawler_rate, "scrapy_rows_per_s": scrapy_rate,
                                "ratio": round(crawler_rate / scrapy_rate, 3) if scrapy_rate else None}
+    if "workers" in chosen:
+        print(f"workers: {sizes.lifted_rows:,} rows with --workers 1 and 2; 20,000 rows with 3 under caps", flush=True)
+        scenarios["workers"] = workers_job(admin_dsn, sizes.lifted_rows, settings)
     results["targets"] = report.targets(results)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")

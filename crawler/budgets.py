@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import contextvars
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,7 @@ class Timeline:
 
     def __init__(self) -> None:
         self.origin: float | None = None
+        self.origin_unix: float | None = None  # the same moment on the wall clock: workers' charts merge by it
         self.starts: dict[str, dict[int, int]] = {}
         self.caps: dict[str, tuple[float, int]] = {}
         self.pauses: list[tuple[str, float, float, str]] = []
@@ -74,6 +76,7 @@ class Timeline:
     def _second(self, now: float) -> int:
         if self.origin is None:
             self.origin = now
+            self.origin_unix = time.time()
         return int(now - self.origin)
 
     def started(self, budget: Budget, now: float) -> None:
@@ -95,7 +98,8 @@ class Timeline:
     def as_dict(self) -> dict[str, Any]:
         return {"budgets": {g: {"cap_per_s": self.caps.get(g, (0, 0))[0], "max_inflight": self.caps.get(g, (0, 0))[1],
                                 "starts": sorted(s.items())} for g, s in sorted(self.starts.items())},
-                "pauses": [{"budget": b, "at_s": at, "seconds": s, "reason": r} for b, at, s, r in self.pauses]}
+                "pauses": [{"budget": b, "at_s": at, "seconds": s, "reason": r} for b, at, s, r in self.pauses],
+                **({"origin_unix": round(self.origin_unix, 3)} if self.origin_unix is not None else {})}
 
 
 @dataclass

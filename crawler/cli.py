@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--limit", type=int, metavar="N", help="take at most N rows this run")
     job.add_argument("--host", metavar="NAME", help="only rows whose image URL is on this host")
     job.add_argument("--retry-failed", action="store_true", help="also take rows whose last outcome was failed")
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument("--workers", metavar="N", type=_workers_arg,
+                         help='cooperating processes on this machine (default run.workers, 1; "auto" = one per core); '
+                              "the same command on other machines against one database joins the same work")
+    # A child of --workers: which run it joins, which worker it is, how many were started.
+    workers.add_argument("--worker-of", metavar="RUN_ID", help=argparse.SUPPRESS)
+    workers.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    workers.add_argument("--expect-workers", type=int, default=1, help=argparse.SUPPRESS)
     repair = argparse.ArgumentParser(add_help=False)
     repair.add_argument("--plan", action="store_true",
                         help="say what the run would do and change nothing: figures prints rows per budget and host "
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover = argparse.ArgumentParser(add_help=False)
     recover.add_argument("--approve", metavar="FILE",
                          help="CSV (artifact_id,candidate_location) of candidates an operator approved after reading the inventory")
-    sub.add_parser("figures", parents=[common, job, repair], help=COMMANDS["figures"], description=COMMANDS["figures"])
+    sub.add_parser("figures", parents=[common, job, repair, workers], help=COMMANDS["figures"], description=COMMANDS["figures"])
     sub.add_parser("recover", parents=[common, repair, recover], help=COMMANDS["recover"],
                    description=COMMANDS["recover"])
     sub.add_parser("run", parents=[common, job, repair, recover], help=COMMANDS["run"], description=COMMANDS["run"])
@@ -99,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 class UsageError(Exception):
     """Asked for something that is not there (a run id the journal does not know); one line."""
+
+
+def _workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'must be a whole number of at least 1, or "auto", got {text!r}')
+    return n
 
 
 def version() -> str:
@@ -211,13 +231,25 @@ def _changeset_path(args: argparse.Namespace) -> Path | None:
 def _figure_options(args: argparse.Namespace, changeset: Path | None) -> Any:
     from pipelines.figures import FigureOptions
     return FigureOptions(limit=args.limit, host=(args.host or "").lower() or None, retry_failed=args.retry_failed,
-                         changeset=changeset, plan=bool(args.plan))
+                         changeset=changeset, plan=bool(args.plan),
+                         expect_workers=getattr(args, "expect_workers", 1) or 1)
 
 
 async def run_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None = None
                       ) -> tuple[int, dict]:
     from pipelines.figures import FigureJob
+
+    from . import workers
     opts = _figure_options(args, changeset)
+    if getattr(args, "worker_of", None):  # one of the processes a `--workers N` run started
+        return await engine.run_job(cfg, db, "figures", lambda run_id: FigureJob(cfg, db, run_id, opts),
+                                    verbose=args.verbose, record_run=False, run_id=args.worker_of,
+                                    worker=args.worker_index)
+    count = workers.worker_count(getattr(args, "workers", None) or cfg["run"]["workers"])
+    if count > 1 and changeset is None:  # a changeset run only reads the database: no leases, one process
+        return await engine.run_job(cfg, db, "figures",
+                                    lambda run_id: workers.WorkersJob(cfg, db, run_id, args, count),
+                                    verbose=args.verbose)
     return await engine.run_job(cfg, db, "figures", lambda run_id: FigureJob(cfg, db, run_id, opts),
                                 verbose=args.verbose, record_run=changeset is None)
 

@@ -47,6 +47,8 @@ def _type_name(v: Any) -> str:
 
 
 def _same_type(default: Any, value: Any, key: str = "") -> bool:
+    if key == "workers":  # a number, or "auto" (checked in _validate)
+        return isinstance(value, (int, str))
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float) or (isinstance(default, int) and key.endswith("_s")):
@@ -140,7 +142,8 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                 ("http", "timeout_s"), ("http", "connect_timeout_s"), ("http", "max_bytes"),
                 ("http", "chunk_bytes"), ("run", "queue_rows"), ("report", "progress_interval_s"),
                 ("db", "flush_interval_s"), ("artifacts", "commit_interval_s"), ("http", "retry_after_max_s"),
-                ("run", "local_failure_limit"), ("artifacts", "git_min_bytes_per_s"), ("run", "heartbeat_s")]
+                ("run", "local_failure_limit"), ("artifacts", "git_min_bytes_per_s"), ("run", "heartbeat_s"),
+                ("run", "lease_s"), ("run", "lease_groups")]
     for section, key in positive:
         if not tree[section][key] > 0:
             raise bad(f"{section}.{key}", f"must be greater than 0, got {tree[section][key]!r}")
@@ -151,6 +154,9 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:
             raise bad(f"{section}.{key}", f"must not be negative, got {tree[section][key]!r}")
+    workers = tree["run"]["workers"]
+    if not (workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)):
+        raise bad("run.workers", f'must be a whole number of at least 1, or "auto", got {workers!r}')
     template = tree["artifacts"]["figure_path"]
     if "{ext}" not in template:
         raise bad("artifacts.figure_path", "must contain {ext}")

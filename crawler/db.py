@@ -94,6 +94,7 @@ class Database:
         self._dsn = ""
         self._connect_timeout_s = 10.0
         self._beat_conn: asyncpg.Connection | None = None  # the heartbeat's own: never queued behind pages
+        self._lease_conn_: asyncpg.Connection | None = None  # the leases' own, likewise
         self.table_name = table
         self.schema_name = schema
         self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
@@ -121,9 +122,10 @@ class Database:
         return db
 
     async def close(self) -> None:
-        if self._beat_conn is not None:
-            await self._beat_conn.close()
-            self._beat_conn = None
+        for conn in (self._beat_conn, self._lease_conn_):
+            if conn is not None and not conn.is_closed():
+                await conn.close()
+        self._beat_conn = self._lease_conn_ = None
         await self._pool.close()
 
     def _sql(self, text: str) -> str:
@@ -193,6 +195,52 @@ class Database:
         if self._beat_conn is None or self._beat_conn.is_closed():
             self._beat_conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
         await self._beat_conn.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
+
+    # -- leases (crawler/leases.py): on a connection of their own, never queued behind pages ----
+    async def _lease_conn(self) -> asyncpg.Connection:
+        if self._lease_conn_ is None or self._lease_conn_.is_closed():
+            self._lease_conn_ = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
+        return self._lease_conn_
+
+    async def lease_take(self, holder: str, run_id: str, lease_s: float, units: Sequence[str], limit: int) -> list[str]:
+        conn = await self._lease_conn()
+        return [r["unit"] for r in await conn.fetch(self._sql(Q.LEASE_TAKE), holder, run_id, float(lease_s),
+                                                     list(units), limit)]
+
+    async def lease_renew(self, holder: str, lease_s: float, units: Sequence[str]) -> set[str]:
+        conn = await self._lease_conn()
+        return {r["unit"] for r in await conn.fetch(self._sql(Q.LEASE_RENEW), holder, float(lease_s), list(units))}
+
+    async def lease_done(self, holder: str, run_id: str, unit: str) -> None:
+        conn = await self._lease_conn()
+        await conn.execute(self._sql(Q.LEASE_DONE), holder, run_id, unit)
+
+    async def lease_state(self, run_id: str, units: Sequence[str]) -> tuple[set[str], int, int]:
+        """(units this run has swept, processes alive, processes alive in this run)."""
+        conn = await self._lease_conn()
+        r = await conn.fetchrow(self._sql(Q.LEASE_STATE), run_id, list(units))
+        return set(r["done"]), r["alive"], r["alive_in_run"]
+
+    async def lease_holder_seen(self, holder: str, run_id: str, lease_s: float, progress: dict[str, Any] | None) -> None:
+        conn = await self._lease_conn()
+        await conn.execute(self._sql(Q.LEASE_HOLDER_SEEN), holder, run_id, socket.gethostname(), os.getpid(),
+                           float(lease_s), to_json(progress) if progress is not None else None)
+
+    async def lease_release(self, holder: str) -> None:
+        """Give back every lease of `holder` and its presence (a clean end: no wait for expiry)."""
+        conn = await self._lease_conn()
+        async with conn.transaction():
+            await conn.execute(self._sql(Q.LEASE_RELEASE), holder)
+            await conn.execute(self._sql(Q.LEASE_HOLDER_GONE), holder)
+            await conn.execute(self._sql(Q.LEASE_HOLDERS_FORGET))
+
+    async def lease_run_progress(self, run_id: str) -> list[dict[str, Any]]:
+        out = []
+        for r in await self._pool.fetch(self._sql(Q.LEASE_RUN_PROGRESS), run_id):
+            d = dict(r)
+            d["progress"] = json.loads(d["progress"]) if d["progress"] is not None else None
+            out.append(d)
+        return out
 
     async def recent_runs(self, limit: int, heartbeat_s: float) -> list[dict[str, Any]]:
         out = []

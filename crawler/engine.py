@@ -63,12 +63,16 @@ async def open_database(cfg: Config, read_only: bool = False) -> Database:
 
 async def run_job(cfg: Config, db: Database, command: str,
                   make_job: Callable[[str], Job], verbose: bool = False,
-                  record_run: bool = True, run_id: str | None = None) -> tuple[int, dict[str, Any]]:
+                  record_run: bool = True, run_id: str | None = None, worker: int | None = None
+                  ) -> tuple[int, dict[str, Any]]:
     """Run one job as a run of its own; returns (exit status, summary). With `record_run`
     false (a plan) the database is not written at all, not even the runs table: the run exists
-    only in its report folder."""
+    only in its report folder. `worker` k: one of the processes of a `--workers` run (its parent
+    records the run); its report goes to the run's folder under `worker-<k>/`."""
     run_id = run_id or new_run_id(command)
     folder = report.run_dir(Path(cfg["report"]["dir"]), run_id)
+    if worker is not None:
+        folder = folder / f"worker-{worker}"
     logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()
     t0 = time.monotonic()
@@ -84,11 +88,11 @@ async def run_job(cfg: Config, db: Database, command: str,
     log.info("run.start", command=command, config=cfg.masked(), report_dir=str(folder))
     signals = 0
     beat = asyncio.create_task(_heartbeat(db, run_id, job, float(cfg["run"]["heartbeat_s"]))) if record_run else None
-    metrics_file = Path(cfg["report"]["metrics_file"]) if cfg["report"]["metrics_file"] else None
+    metrics_file = Path(cfg["report"]["metrics_file"]) if cfg["report"]["metrics_file"] and worker is None else None
     ticker = (asyncio.create_task(_metrics(metrics_file, run_id, command, job, float(cfg["report"]["progress_interval_s"])))
               if metrics_file is not None else None)
     live = None
-    if not verbose and progress_display.wanted(cfg["report"]["console"], sys.stderr):
+    if not verbose and worker is None and progress_display.wanted(cfg["report"]["console"], sys.stderr):
         live = asyncio.create_task(progress_display.show(job, command))
 
     def on_signal(signum: int) -> None:
@@ -106,6 +110,8 @@ async def run_job(cfg: Config, db: Database, command: str,
             # Whatever hangs (a database or git that never answers), the operator gets the process
             # back. Nothing is lost: what was placed but not stamped is adopted by the next run.
             log.warning("run.exiting_now", signal=signal.Signals(signum).name)
+            if hasattr(job, "exit_now"):  # processes of its own (--workers): they go too
+                job.exit_now()
             logs.close()
             os._exit(EXIT_INTERRUPTED)
 

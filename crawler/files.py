@@ -17,7 +17,10 @@ import concurrent.futures
 import hashlib
 import itertools
 import os
+import re
+import socket
 import stat
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -27,9 +30,23 @@ from . import native
 
 PART_PREFIX = ".crawler-"
 PART_SUFFIX = ".part"
-# Unique per process and call: a `.part` name only has to differ from its neighbours' (and a
-# killed run's leftovers are removed at start), so a counter beats a random token.
+# Unique per machine, process and call: a `.part` name only has to differ from its neighbours'
+# (several processes, on several machines, may write one folder), so a counter beats a random
+# token. The machine and process in the name say whose it is: see remove_stale_parts.
 _PART_IDS = itertools.count()
+def _machine() -> str:
+    """This machine's name, and its process-id namespace: containers may share a host name
+    while each counts processes from 1, and a process id means something only within one."""
+    name = re.sub(r"[^A-Za-z0-9.+-]+", "_", socket.gethostname())[:64] or "unknown"
+    try:
+        space = os.readlink("/proc/self/ns/pid").split("[", 1)[1].rstrip("]")
+    except (OSError, IndexError):
+        return name
+    return f"{name}.{space}"
+
+
+_MACHINE = _machine()
+STALE_PART_AGE_S = 86400  # another machine's leftover is removed once this old
 # Placing files gets threads of its own: never queued behind other blocking work (hashing, git
 # reads), and no more of them than cores, as creating files in one folder serialises in the
 # kernel anyway (more threads only spin on the folder's lock).
@@ -39,13 +56,13 @@ _PLACERS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="place")
 class TempFile:
     """A body on its way to a file, hashed and counted as it is written.
 
-    Held in memory up to `buffer_bytes`, spilled beyond that to `.crawler-<stem>-<pid>-<n>.part`
+    Held in memory up to `buffer_bytes`, spilled beyond that to `.crawler-<stem>@<machine>@<pid>@<n>.part`
     in `directory`. A small body (most figures) then reaches disk in one worker-thread hop in
     `place_temp` (write, rename) instead of one hop per open, write and close."""
 
     def __init__(self, directory: Path, stem: str, buffer_bytes: int = 0) -> None:
         self.directory = directory
-        self.name = f"{PART_PREFIX}{stem}-{os.getpid()}-{next(_PART_IDS)}{PART_SUFFIX}"
+        self.name = f"{PART_PREFIX}{stem}@{_MACHINE}@{os.getpid()}@{next(_PART_IDS)}{PART_SUFFIX}"
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.buffer_bytes = buffer_bytes
@@ -263,15 +280,38 @@ async def existing(root: Path, rels: list[str]) -> set[str]:
     return await asyncio.to_thread(lambda: {r for r in rels if _regular(root / r)})
 
 
-def remove_stale_parts(top: Path) -> int:
-    """Delete `.crawler-*.part` leftovers of a killed run anywhere under `top`; return how many.
-
-    Call only when no other run writes under `top`."""
+def remove_stale_parts(top: Path, now: float | None = None) -> int:
+    """Delete `.crawler-*.part` leftovers of killed runs anywhere under `top`; return how many.
+    Other processes may be writing there (cooperating runs): a part is removed only when its
+    process, on this machine, is gone, or when it is older than STALE_PART_AGE_S (another
+    machine's, one named in an older form, or a process id taken again since)."""
+    now = time.time() if now is None else now
     removed = 0
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = [d for d in dirnames if d != ".git"]
         for name in filenames:
-            if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
-                os.unlink(os.path.join(dirpath, name))
+            if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
+                continue
+            path = os.path.join(dirpath, name)
+            fields = name[len(PART_PREFIX):-len(PART_SUFFIX)].rsplit("@", 3)
+            try:
+                ours = len(fields) == 4 and fields[1] == _MACHINE and fields[2].isdigit()
+                if (not ours or _alive(int(fields[2]))) and now - os.stat(path).st_mtime < STALE_PART_AGE_S:
+                    continue
+                os.unlink(path)
                 removed += 1
+            except FileNotFoundError:
+                pass  # its writer renamed or removed it meanwhile
     return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -120,6 +121,9 @@ class Sink:
         self._closing = False
         self._on_written = on_written
         self._ids = itertools.count()
+        # Unique to this process: the processes of one --workers run share its run id, and a
+        # change id met twice is taken for a batch sent again (written once).
+        self._id_prefix = f"{run_id}:{secrets.token_hex(4)}"
         self.outage_max_s = outage_max_s
         self._on_outage_over = on_outage_over
         self.healthy = asyncio.Event()  # cleared while the database cannot be written
@@ -135,7 +139,7 @@ class Sink:
         self._task = asyncio.create_task(self._loop(), name="sink")
 
     def record(self, change: Change) -> None:
-        self._buffer.append(replace(change, change_id=f"{self._run_id}:{next(self._ids)}"))
+        self._buffer.append(replace(change, change_id=f"{self._id_prefix}:{next(self._ids)}"))
         if len(self._buffer) >= self._flush_rows:
             self._wake.set()
 

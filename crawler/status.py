@@ -97,6 +97,10 @@ def render(state: dict[str, Any]) -> str:
 
 
 def _progress_lines(p: dict[str, Any]) -> list[str]:
+    if "workers" in p:  # a --workers run: its processes, then their counts summed
+        head = [f"{p.get('workers_alive', 0)} of {p['workers']} worker processes alive"]
+        return head + (_progress_lines({k: v for k, v in p.items() if k not in ("workers", "workers_alive")})
+                       if "done" in p else [])
     if "done" in p:  # figures
         eta = p.get("eta_s")
         out = [f"{p['done']:,} / {p.get('planned', 0):,} rows, {p.get('rows_per_s', 0)} rows/s, "

@@ -37,6 +37,7 @@ from crawler.config import Config
 from crawler.db import Change, Database, DatabaseError, is_connection_error
 from crawler.fetcher import Fetcher, FetchResult, make_session
 from crawler.git import GitRepo
+from crawler.leases import UNPARSEABLE_UNIT, Leases, OwnLeases, unit_of
 from crawler.netguard import GuardedResolver
 from crawler.sink import Sink, iso, utcnow
 from crawler.unrecorded import Unrecorded
@@ -48,6 +49,7 @@ UNPARSEABLE = "(unparseable)"
 # + workers are held (waiting, and being committed): under 30 MiB at the defaults.
 KEEP_FOR_COMMIT = 32 << 10
 _STOP = object()
+GROUP_QUEUE_FACTOR = 8  # a group of hosts buffers up to this many × run.queue_rows rows, over all its hosts
 
 
 @dataclass
@@ -57,6 +59,7 @@ class FigureOptions:
     retry_failed: bool = False
     changeset: Path | None = None  # read-only repair: row changes go to this file (crawler/changeset.py)
     plan: bool = False             # only plan_only() is called: the changeset is only read
+    expect_workers: int = 1        # processes of this run started together (--workers): wait for them to share
 
 
 @dataclass
@@ -108,7 +111,15 @@ class FigureJob:
         self._stopping = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._taken = 0
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._queues: dict[str, asyncio.Queue[Any]] = {}  # per budget
+        self._workers_of: dict[str, int] = {}             # per budget: its workers (= its max_inflight)
+        self._units: dict[str, _Unit] = {}                # the lease units served (now or before)
+        self._unit_ended = asyncio.Event()
+        self._limit_reached = False
+        self.leases: Leases = OwnLeases([])
+        # A lease statement or a flush that does not answer within this is treated as the
+        # database away (the leases held stay ours until they run out).
+        self._db_wait_s = max(cfg["run"]["lease_s"] / 3, 1.0)
         self._started = time.monotonic()
         self._now_iso = iso(utcnow())
         self.fetcher: Fetcher | None = None
@@ -131,57 +142,44 @@ class FigureJob:
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         await self.repo.check()
         # A killed run may have left temporary files; they live under the template's fixed prefix.
+        # Only this machine's dead processes' (and day-old ones): another process may be writing.
         fixed = self.cfg["artifacts"]["figure_path"].split("{", 1)[0].rsplit("/", 1)[0]
         if fixed and not self.cfg["artifacts"]["path_resolver"]:
             removed = await asyncio.to_thread(files.remove_stale_parts, self.root / fixed)
             if removed:
                 log.info("run.stale_parts_removed", files=removed)
-        plan = await self._plan()
+        units = await self._plan()
         resolver = GuardedResolver(self.http["connect_to"], self.http["allow_private_addresses"])
         session = make_session(self.http, resolver)
         self.fetcher = Fetcher(session, self.budgets, resolver, self.http, on_head_lies=self._on_head_lies)
         self.sink.start()
         self.committer.start()
-        producers: list[asyncio.Task[None]] = []
-        workers = self._workers
-        for name, (hosts, inflight) in plan.items():
-            # Room for one stop marker per worker once the queue is emptied at a stop.
-            queue: asyncio.Queue[Any] = asyncio.Queue(max(self.cfg["run"]["queue_rows"], inflight))
-            self._queues[name] = queue
-            producers.append(asyncio.create_task(self._produce(hosts, queue, inflight), name=f"producer:{name}"))
-            workers += [asyncio.create_task(self._work(queue), name=f"worker:{name}:{i}") for i in range(inflight)]
+        # Read-only (a changeset): nothing to coordinate through; this process serves everything.
+        self.leases = (OwnLeases(list(units)) if self.db.read_only else
+                       Leases(self.db, self.run_id, list(units), self.cfg["run"]["lease_s"], progress=self.progress))
         progress = asyncio.create_task(self._progress(), name="progress")
         interrupted = False
         try:
-            stop_wait = asyncio.create_task(self._stopping.wait())
-            all_workers = asyncio.gather(*workers)
-            await asyncio.wait([stop_wait, all_workers], return_when=asyncio.FIRST_COMPLETED)
+            if units:
+                await asyncio.wait_for(self.leases.join(self.opts.expect_workers),
+                                       self.cfg["run"]["lease_s"] + self._db_wait_s)
+                await self._serve(units)
             if self._stopping.is_set():
                 interrupted = self.fatal is None
-                for p in producers:
-                    p.cancel()
-                log.info("run.draining", inflight=sum(b.stats.inflight for b in self.budgets.all()),
-                         timeout_s=drain_timeout_s)
-                for q in self._queues.values():  # rows not yet started stay for the next run
-                    while not q.empty():
-                        q.get_nowait()
-                    for _ in range(q.maxsize):
-                        q.put_nowait(_STOP)
-                done, pending = await asyncio.wait(workers, timeout=drain_timeout_s)
-                for w in pending:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                await asyncio.gather(all_workers, return_exceptions=True)
-            else:
-                await all_workers
-            stop_wait.cancel()
-            for outcome in await asyncio.gather(*producers, return_exceptions=True):
-                if isinstance(outcome, Exception):
+                await self._drain(drain_timeout_s)
+            for outcome in await asyncio.gather(*(u.producer for u in self._units.values() if u.producer),
+                                                return_exceptions=True):
+                if isinstance(outcome, Exception) and not isinstance(outcome, asyncio.CancelledError):
                     raise outcome  # e.g. the database went away: the run fails, loudly
         finally:
+            workers = self._workers
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            for u in self._units.values():
+                if u.producer is not None:
+                    u.producer.cancel()
+            await asyncio.gather(*(u.producer for u in self._units.values() if u.producer), return_exceptions=True)
             progress.cancel()
             # file in place → commit → stamp: the committer flushes its stamps through the sink.
             # Bounded: a database or git that never answers must not hold the stop for ever; what
@@ -190,10 +188,103 @@ class FigureJob:
             # a last commit that waits on git's index lock: git_timeout_s, and an outage.
             normal = max(drain_timeout_s, 2 * self.cfg["artifacts"]["git_timeout_s"] + 30)
             await self._bounded_close(drain_timeout_s if interrupted or self.fatal else normal)
+            # Only now, with every outcome written, may another process take our units.
+            try:
+                await asyncio.wait_for(self.leases.release(), self.cfg["db"]["connect_timeout_s"])
+            except Exception as exc:  # they expire on their own after run.lease_s
+                log.warning("lease.release_failed", error=f"{type(exc).__name__}: {exc}")
             await session.close()
             if self.changes is not None:
                 self.changes.release()
         return self._summary(interrupted)
+
+    async def _serve(self, units: dict[str, list[str] | None]) -> None:
+        """Serve the units whose lease we hold until every unit is swept (by us or the run's
+        other processes) or we are stopped; renew and take leases every tick."""
+        said_away = False
+        while not self._stopping.is_set():
+            self._unit_ended.clear()  # before looking: an end signalled while we look is not missed
+            try:
+                gained, lost = await asyncio.wait_for(self.leases.tick(), self._db_wait_s)
+                said_away = False
+            except Exception as exc:
+                if not (is_connection_error(exc) or isinstance(exc, TimeoutError)):
+                    raise
+                if not said_away:  # the units we hold stay ours until their lease runs out
+                    log.warning("lease.renew_failed", error=f"{type(exc).__name__}: {exc}")
+                    said_away = True
+                gained, lost = [], self.leases.expired()
+            for name in lost:
+                self._stop_unit(name)
+            # Whatever a tick said or failed to say: a unit served that is no longer surely ours
+            # is stopped (its workers may already have seen its lease run out).
+            for name, unit in list(self._units.items()):
+                if unit.serving() and not self.leases.holds(name):
+                    self.leases.held.pop(name, None)
+                    self._stop_unit(name)
+            for name in gained:
+                if self._limit_reached:
+                    continue  # taken, not served: given back at the end, not recorded as swept
+                self._start_unit(name, units[name])
+            for name, unit in list(self._units.items()):
+                if not unit.finished() or unit.recorded:
+                    continue
+                try:  # its outcomes written before anyone may take it again
+                    await asyncio.wait_for(self.sink.flush(), self._db_wait_s)
+                    await asyncio.wait_for(self.leases.finish(name), self._db_wait_s)
+                    unit.recorded = True
+                except Exception as exc:
+                    if not (is_connection_error(exc) or isinstance(exc, TimeoutError)):
+                        raise
+                    break  # the next tick tries again
+            if self.leases.all_done():
+                return
+            if self._limit_reached and not any(u.serving() for u in self._units.values()):
+                return  # --limit rows taken and done: the units not swept stay for others
+            # The next tick, a stop, or a unit coming to its end, whichever comes first.
+            waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._unit_ended.wait())]
+            try:
+                await asyncio.wait(waits, timeout=min(self.leases.tick_s, 3600.0), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    def _start_unit(self, name: str, hosts: list[str] | None) -> None:
+        unit = _Unit(name)
+        if name.startswith("default#"):
+            unit.room = asyncio.Semaphore(GROUP_QUEUE_FACTOR * self.cfg["run"]["queue_rows"])
+        self._units[name] = unit
+        unit.producer = asyncio.create_task(self._produce(unit, hosts), name=f"producer:{name}")
+
+    def _stop_unit(self, name: str) -> None:
+        """Our lease on `name` is gone: its rows are its next holder's. Queued ones are left, and
+        requests in flight are cut off (their temporary files removed), as their outcomes could
+        no longer be recorded before the next holder asks again."""
+        unit = self._units.get(name)
+        if unit is None or unit.lost:
+            return
+        unit.lost = True
+        if unit.producer is not None:
+            unit.producer.cancel()
+        for budget in unit.budgets:  # a unit taken again later gets queues and workers afresh
+            _stop_queue(self._queues.pop(budget), self._workers_of.pop(budget))
+        if unit.serving_rows():
+            for w in unit.workers:
+                w.cancel()
+        self._unit_ended.set()
+
+    async def _drain(self, drain_timeout_s: float) -> None:
+        for u in self._units.values():
+            if u.producer is not None:
+                u.producer.cancel()
+        log.info("run.draining", inflight=sum(b.stats.inflight for b in self.budgets.all()),
+                 timeout_s=drain_timeout_s)
+        for budget, queue in self._queues.items():  # rows not yet started stay for the next run
+            _stop_queue(queue, self._workers_of[budget])
+        done, pending = await asyncio.wait(self._workers, timeout=drain_timeout_s) if self._workers else (set(), set())
+        for w in pending:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def _bounded_close(self, seconds: float) -> None:
         for name, exc in await close_bounded(self.committer, self.sink, seconds):
@@ -258,7 +349,10 @@ class FigureJob:
         }
 
     # -- planning and producing ---------------------------------------------------------------------
-    async def _plan(self) -> dict[str, tuple[list[str] | None, int]]:
+    async def _plan(self) -> dict[str, list[str] | None]:
+        """The lease units with rows due now, each with its hosts (None: the rows whose URL has no
+        host). A named budget is a unit; the hosts no budget names fall into run.lease_groups
+        groups, so thousands of hosts make a bounded number of producers and scans."""
         no_url, bad = await self.db.figure_skipped()
         self.tally.counts["no_url"] = no_url
         self.tally.counts["bad_metadata"] = len(bad)
@@ -267,19 +361,19 @@ class FigureJob:
                       error="metadata is not a JSON object; row left untouched")
         hosts = await self.db.figure_hosts(self._now_iso, self.opts.retry_failed, self.opts.host)
         self.tally.planned = sum(hosts.values())
-        plan: dict[str, tuple[list[str] | None, int]] = {}
-        for host, n in sorted(hosts.items(), key=lambda kv: kv[0] or ""):
+        units: dict[str, list[str] | None] = {}
+        groups = self.cfg["run"]["lease_groups"]
+        for host, _n in sorted(hosts.items(), key=lambda kv: kv[0] or ""):
             if host is None:
-                plan[UNPARSEABLE] = (None, 1)
+                units[UNPARSEABLE_UNIT] = None
                 continue
-            budget = self.budgets.for_host(host)
-            listed, inflight = plan.get(budget.name, ([], budget.max_inflight))
+            unit = unit_of(self.budgets.name_for(host), host, groups)
+            listed = units.setdefault(unit, [])
             assert listed is not None
             listed.append(host)
-            plan[budget.name] = (listed, inflight)
         log.info("run.plan", rows=self.tally.planned, no_url=no_url, bad_metadata=len(bad),
-                 budgets={k: {"hosts": len(v[0] or []), "workers": v[1]} for k, v in plan.items()})
-        return plan
+                 units={k: {"hosts": len(v or [])} for k, v in units.items()})
+        return units
 
     async def _pages(self, hosts: list[str] | None) -> AsyncIterator[tuple[list[dict[str, Any]], list[bool], list[Any]]]:
         """Keyset pages of the rows due whose host is in `hosts` (None: rows whose host cannot
@@ -299,7 +393,13 @@ class FigureJob:
                  list(r["candidates"].values()) if r["candidates"] else []) for r in rows])
             yield rows, present, on_disk
 
-    async def _produce(self, hosts: list[str] | None, queue: asyncio.Queue[Any], workers: int) -> None:
+    async def _produce(self, unit: _Unit, hosts: list[str] | None) -> None:
+        """One keyset scan over the unit's hosts; each row goes to its budget's queue (made, with
+        its workers, when the budget's first row comes). A named budget's full queue holds the
+        scan. In a group of hosts no budget names, a host's rows wait in a queue of its own and
+        only the group's total is bounded (GROUP_QUEUE_FACTOR × run.queue_rows), so one slow host
+        holds the others up only once the group's room is all its rows."""
+        clean = False
         try:
             async for rows, present, on_disk in self._pages(hosts):
                 for row, is_present, found in zip(rows, present, on_disk):
@@ -310,30 +410,73 @@ class FigureJob:
                         self.tally.counts["present"] += 1
                         continue
                     if self.opts.limit is not None and self._taken >= self.opts.limit:
+                        self._limit_reached = True  # this unit is not swept: not recorded as such
                         return
                     self._taken += 1
                     row["on_disk"] = found
+                    queue = self._queue_for(unit, row["host"])
+                    if unit.room is not None:
+                        await unit.room.acquire()  # released as a worker takes the row
                     await queue.put(row)
+            clean = not self._stopping.is_set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A scan that failed (not the database away: _page waits that out) ends the run: the
+            # unit must not be taken for swept, and the cause is said now, not at the end.
+            if self.fatal is None:
+                self.fatal = f"reading the rows of {unit.name} failed: {type(exc).__name__}: {exc}"
+                log.error("run.giving_up", error=self.fatal)
+            self._stopping.set()
+            raise
         finally:
-            if not self._stopping.is_set():
-                for _ in range(workers):
-                    await queue.put(_STOP)
+            if not self._stopping.is_set() and not unit.lost:
+                for budget in unit.budgets:
+                    for _ in range(self._workers_of[budget]):
+                        await self._queues[budget].put(_STOP)
+            unit.scanned = clean
+            unit.producer_done = True
+            self._unit_ended.set()
+
+    def _queue_for(self, unit: _Unit, host: str | None) -> asyncio.Queue[Any]:
+        name = UNPARSEABLE if host is None else self.budgets.name_for(host)
+        queue = self._queues.get(name)
+        if queue is None:
+            inflight = 1 if host is None else self.budgets.for_host(host).max_inflight
+            # Room for one stop marker per worker once the queue is emptied at a stop; in a group
+            # of hosts, the group's room bounds them all (see _produce).
+            queue = asyncio.Queue(0 if unit.room is not None else max(self.cfg["run"]["queue_rows"], inflight))
+            self._queues[name] = queue
+            self._workers_of[name] = inflight
+            unit.budgets.append(name)
+            tasks = [asyncio.create_task(self._work(unit, queue), name=f"worker:{name}:{i}") for i in range(inflight)]
+            unit.workers += tasks
+            self._workers += tasks
+        return queue
 
     # -- one row -------------------------------------------------------------------------------------
-    async def _work(self, queue: asyncio.Queue[Any]) -> None:
-        while True:
-            row = await queue.get()
-            if row is _STOP or self._stopping.is_set():
-                return
-            await self._while_db_away()
-            if self._stopping.is_set():
-                return  # left as it was: the next run takes it
-            try:
-                await self._handle(row)
-            except Exception as exc:
-                self._local_failure(row["id"], exc)
-            else:
-                self._local_failures_in_a_row = 0
+    async def _work(self, unit: _Unit, queue: asyncio.Queue[Any]) -> None:
+        try:
+            while True:
+                row = await queue.get()
+                if row is _STOP or self._stopping.is_set() or unit.lost:
+                    return
+                if unit.room is not None:
+                    unit.room.release()
+                await self._while_db_away()
+                if self._stopping.is_set():
+                    return  # left as it was: the next run takes it
+                if unit.lost or not self.leases.holds(unit.name):
+                    return  # our lease ran out (the database away): the unit's next holder takes it
+                try:
+                    await self._handle(row)
+                except Exception as exc:
+                    self._local_failure(row["id"], exc)
+                else:
+                    self._local_failures_in_a_row = 0
+        finally:
+            unit.workers_done += 1
+            self._unit_ended.set()
 
     def _give_up(self, why: str) -> None:
         """Stop on our own (the database away too long): the cause, in one line, ends the run."""
@@ -560,6 +703,8 @@ class FigureJob:
             # Hosts that answered HEAD 404 for files GET then served: their HEAD 404s were not trusted.
             "head_404_untrusted": self.fetcher.head_untrusted if self.fetcher is not None else [],
             "local_error": c["local_error"],
+            # CPU seconds of this process and of its children that ended (the commit worker, git).
+            "cpu_s": _cpu_s(),
             # Work attempted but not recorded (exit 3): rows that failed on this machine, commits
             # that failed, rows the database refused.
             "unrecorded": (self.unrecorded.as_list() + self.committer.unrecorded.as_list()
@@ -568,6 +713,45 @@ class FigureJob:
             **({"changeset": str(self.changes.path), "changeset_lines": self.changes.lines,
                 "in_changeset": c["in_changeset"]} if self.changes is not None else {}),
         }
+
+
+@dataclass
+class _Unit:
+    """A lease unit being served: its producer, the budgets its rows fell under, their workers."""
+
+    name: str
+    producer: asyncio.Task[None] | None = None
+    budgets: list[str] = field(default_factory=list)
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    workers_done: int = 0
+    scanned: bool = False        # its scan came to the end of its rows
+    producer_done: bool = False
+    lost: bool = False
+    recorded: bool = False       # recorded as swept for the run (lease_done)
+    room: asyncio.Semaphore | None = None  # a group of hosts: rows queued across its hosts, at most
+
+    def serving_rows(self) -> bool:
+        return self.workers_done < len(self.workers)
+
+    def serving(self) -> bool:
+        """Taking or working on rows now."""
+        return not self.lost and (not self.producer_done or self.serving_rows())
+
+    def finished(self) -> bool:
+        return self.scanned and not self.lost and not self.serving_rows()
+
+
+def _stop_queue(queue: asyncio.Queue[Any], workers: int) -> None:
+    """Rows not yet started stay for later; each worker gets a stop marker."""
+    while not queue.empty():
+        queue.get_nowait()
+    for _ in range(workers):
+        queue.put_nowait(_STOP)
+
+
+def _cpu_s() -> dict[str, float]:
+    t = os.times()
+    return {"self": round(t.user + t.system, 3), "children": round(t.children_user + t.children_system, 3)}
 
 
 def _local_reason(exc: BaseException) -> str:

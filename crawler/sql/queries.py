@@ -276,3 +276,55 @@ select norm_path as path, size, bool_or(sha256 is not null) as extracted
 from {schema}.tarball_members
 where manifest_id = $1 and type = 'file' and (skipped is null or sha256 is not null)
 group by norm_path, size"""
+
+# -- leases (crawler/leases.py) ---------------------------------------------------------------
+# Take up to $5 of the units in $4 (in that order) that nobody holds (or whose lease expired)
+# and that this run has not swept already. One statement: two processes asking at once each get a unit or not, never both.
+LEASE_TAKE = """
+insert into {schema}.leases as l (unit, holder, run_id, acquired_at, expires_at)
+select t.u, $1::text, $2::text, now(), now() + make_interval(secs => $3::float8)
+from unnest($4::text[]) with ordinality t(u, k)
+where not exists (select 1 from {schema}.lease_done d where d.run_id = $2::text and d.unit = t.u)
+  and not exists (select 1 from {schema}.leases h where h.unit = t.u and h.expires_at >= now())
+order by t.k
+limit $5::int
+on conflict (unit) do update set holder = excluded.holder, run_id = excluded.run_id,
+  acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+where l.expires_at < now()
+returning unit"""
+
+# Extend this holder's leases; a unit missing from the answer is no longer ours.
+LEASE_RENEW = """
+update {schema}.leases set expires_at = now() + make_interval(secs => $2::float8)
+where holder = $1::text and unit = any($3::text[])
+returning unit"""
+
+# The unit swept for the run. Its lease is kept until its holder ends (LEASE_RELEASE): files
+# placed but not yet committed and stamped must not be taken up by another run meanwhile.
+LEASE_DONE = """
+insert into {schema}.lease_done (run_id, unit, holder) values ($2::text, $3::text, $1::text)
+on conflict do nothing"""
+
+LEASE_RELEASE = "delete from {schema}.leases where holder = $1::text"
+
+# The units of $2 this run has swept, and how many processes are alive (this one included).
+LEASE_STATE = """
+select (select coalesce(array_agg(unit), '{{}}') from {schema}.lease_done where run_id = $1::text and unit = any($2::text[])) as done,
+       (select count(*) from {schema}.lease_holders
+         where seen_at > now() - make_interval(secs => lease_s)) as alive,
+       (select count(*) from {schema}.lease_holders
+         where run_id = $1::text and seen_at > now() - make_interval(secs => lease_s)) as alive_in_run"""
+
+LEASE_HOLDER_SEEN = """
+insert into {schema}.lease_holders (holder, run_id, host, pid, seen_at, lease_s, progress)
+values ($1::text, $2::text, $3::text, $4::int, now(), $5::float8, $6::jsonb)
+on conflict (holder) do update set seen_at = now(), progress = excluded.progress"""
+
+LEASE_HOLDER_GONE = "delete from {schema}.lease_holders where holder = $1::text"
+
+# Holders not seen for a day are forgotten (their leases expired long ago).
+LEASE_HOLDERS_FORGET = "delete from {schema}.lease_holders where seen_at < now() - interval '1 day'"
+
+LEASE_RUN_PROGRESS = """
+select holder, host, pid, seen_at, progress, seen_at > now() - make_interval(secs => lease_s) as alive
+from {schema}.lease_holders where run_id = $1::text order by holder"""

@@ -31,7 +31,7 @@ async def test_prepare_is_idempotent_and_concurrent(dsn):
         await asyncio.gather(*(db.prepare() for db in dbs))
         await dbs[0].prepare()
         versions = await dbs[0].fetch("select version from {schema}.schema_version")
-        assert sorted(r["version"] for r in versions) == [1, 2, 3, 4, 5]
+        assert sorted(r["version"] for r in versions) == [1, 2, 3, 4, 5, 6]
     finally:
         for db in dbs:
             await db.close()

@@ -241,10 +241,15 @@ def _user_commit(repo, name: str) -> bool:
     (repo / name).write_text(f"{name}\n")
     env = {"GIT_AUTHOR_NAME": "u", "GIT_AUTHOR_EMAIL": "u@u", "GIT_COMMITTER_NAME": "u", "GIT_COMMITTER_EMAIL": "u@u",
            "PATH": __import__("os").environ["PATH"]}
-    for args in (["add", name], ["commit", "-q", "-m", f"user {name}"]):
-        if subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True).returncode != 0:
-            return False
-    return True
+    if subprocess.run(["git", "add", name], cwd=repo, env=env, capture_output=True).returncode != 0:
+        return False
+    # Staged, the user commits: when the job holds the index lock at that moment git fails at
+    # once, and the user tries again (else the file would stay staged, not committed).
+    for _ in range(500):  # bounded
+        if subprocess.run(["git", "commit", "-q", "-m", f"user {name}"], cwd=repo, env=env,
+                          capture_output=True).returncode == 0:
+            return True
+    raise AssertionError(f"the user's commit of {name} failed 500 times")
 
 
 def _deleted_anywhere(repo) -> set[str]:

@@ -40,3 +40,36 @@ def test_the_cli_puts_every_thread_on_one_malloc_arena_before_anything_else(monk
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert calls == ["arena"]
+
+
+def test_stale_parts_of_live_or_other_machines_processes_are_kept(tmp_path):
+    """Cooperating processes write `.part` files in the same folders: a start removes only its
+    own machine's dead processes' leftovers, and anyone's older than a day."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    me = files._MACHINE
+    names = {
+        "mine_alive": f".crawler-a@{me}@{os.getpid()}@1.part",
+        "mine_dead": f".crawler-b@{me}@{dead_pid}@2.part",
+        "other_machine": f".crawler-c@elsewhere@{dead_pid}@3.part",
+        "other_machine_old": f".crawler-d@elsewhere@{dead_pid}@4.part",
+        "old_form_recent": f".crawler-e-{dead_pid}-5.part",
+        "not_a_part": "keep.png",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    old = (tmp_path / names["other_machine_old"]).stat().st_mtime - files.STALE_PART_AGE_S - 10
+    os.utime(tmp_path / names["other_machine_old"], (old, old))
+    assert files.remove_stale_parts(tmp_path) == 2
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {names[k] for k in ("mine_alive", "other_machine", "old_form_recent", "not_a_part")}
+
+
+def test_part_names_say_their_machine_and_process(tmp_path):
+    import os
+    t = files.TempFile(tmp_path, "stem")
+    assert t.name.startswith(".crawler-stem@") and f"@{os.getpid()}@" in t.name and t.name.endswith(".part")

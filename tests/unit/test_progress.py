@@ -46,3 +46,17 @@ def test_no_live_display_off_a_terminal() -> None:
 
     assert not progress.wanted(True, NotATerminal())
     assert progress.wanted(True, Terminal()) and not progress.wanted(False, Terminal())
+
+
+def test_status_shows_a_workers_runs_processes_and_their_summed_counts():
+    from crawler import status, workers
+    merged = workers.merge_progress(
+        [{"done": 10, "planned": 100, "rows_per_s": 2.0, "counts": {"fetched": 7, "hard_404": 3}, "commits": 1,
+          "budgets": {"pmc": {"inflight": 1, "queue": 4, "requests": 20}}},
+         {"done": 5, "planned": 100, "rows_per_s": 1.0, "counts": {"fetched": 5}, "commits": 2,
+          "budgets": {"europepmc": {"inflight": 2, "queue": 1, "requests": 10}}}], alive=2, count=3)
+    lines = status._progress_lines(merged)
+    assert lines[0] == "2 of 3 worker processes alive"
+    assert lines[1].startswith("15 / 100 rows, 3.0 rows/s") and "3 commits" in lines[1] and "fetched 12" in lines[1]
+    assert "budget europepmc: 2 in flight, 1 queued" in lines and "budget pmc: 1 in flight, 4 queued" in lines
+    assert status._progress_lines({"workers": 2, "workers_alive": 0}) == ["0 of 2 worker processes alive"]
