@@ -113,6 +113,8 @@ class WorkersJob:
                 continue
             self._progress = merge_progress([r["progress"] for r in rows if r["alive"] and r["progress"]],
                                             alive=sum(1 for r in rows if r["alive"]), count=self.count)
+            if "done" in self._progress:  # the run's log says it too: `crawler tail`, the bench
+                log.info("progress", **self._progress)
 
     async def run(self, drain_timeout_s: float) -> dict[str, Any]:
         for k in range(self.count):

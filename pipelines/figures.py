@@ -49,6 +49,7 @@ UNPARSEABLE = "(unparseable)"
 # + workers are held (waiting, and being committed): under 30 MiB at the defaults.
 KEEP_FOR_COMMIT = 32 << 10
 _STOP = object()
+IDLE_LOOK_S = 0.5      # how often a process with no unit of its own looks at the others' (leases, done)
 GROUP_QUEUE_FACTOR = 8  # a group of hosts buffers up to this many × run.queue_rows rows, over all its hosts
 
 
@@ -241,10 +242,14 @@ class FigureJob:
                 return
             if self._limit_reached and not any(u.serving() for u in self._units.values()):
                 return  # --limit rows taken and done: the units not swept stay for others
-            # The next tick, a stop, or a unit coming to its end, whichever comes first.
+            # The next tick, a stop, or a unit coming to its end, whichever comes first. With
+            # nothing of our own to serve we are waiting on others' units: look more often, so
+            # the run ends (or takes over) soon after they do, not a whole tick later.
+            wait_s = self.leases.tick_s if any(u.serving() for u in self._units.values()) else IDLE_LOOK_S
             waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._unit_ended.wait())]
             try:
-                await asyncio.wait(waits, timeout=min(self.leases.tick_s, 3600.0), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=min(wait_s, self.leases.tick_s, 3600.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
