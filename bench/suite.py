@@ -8,6 +8,7 @@ Scenarios:
   memory   the same at a small and a large size: peak RSS must stay flat
   polite   the shipped budgets, mixed 404s and images: makespan / physical minimum
   scrapy   the lifted workload alternately through the crawler and a minimal Scrapy spider
+  loop     the lifted workload on asyncio's event loop and on uvloop, alternately (job CPU per row)
   workers  the lifted workload with --workers 1 and 2 (rows/s, CPU per row by process), and
            20,000 rows with 3 workers under real caps: repeated requests and the busiest second
            per budget at the server
@@ -426,6 +427,28 @@ def workers_job(admin_dsn: str, rows: int, settings: Settings) -> dict[str, Any]
     return out
 
 
+def loop_job(admin_dsn: str, rows: int, settings: Settings, rounds: int = 2) -> dict[str, Any]:
+    """The lifted workload on asyncio's own event loop and on uvloop (CRAWLER_EVENT_LOOP; uvloop
+    is what runs when installed), alternately: job CPU per row and rows/s, medians."""
+    runs: dict[str, list[dict[str, Any]]] = {"asyncio": [], "uvloop": []}
+    for n in range(rounds):
+        for loop in ("asyncio", "uvloop"):
+            os.environ["CRAWLER_EVENT_LOOP"] = loop
+            try:
+                r = lifted_job(admin_dsn, f"loop-{loop}-{n}", rows, settings)
+            finally:
+                os.environ.pop("CRAWLER_EVENT_LOOP", None)
+            r["cpu_ms_per_row"] = round(1000 * (r["cpu_job_s"] or r["cpu_crawler_s"]) / max(r["done"], 1), 3)
+            runs[loop].append(r)
+    out: dict[str, Any] = {"rows": rows, "runs": {k: [{"rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"]}
+                                                      for r in v] for k, v in runs.items()}}
+    for loop, rs in runs.items():
+        out[loop] = {"rows_per_s": statistics.median(r["rows_per_s"] for r in rs),
+                     "cpu_ms_per_row": statistics.median(r["cpu_ms_per_row"] for r in rs)}
+    out["cpu_ratio"] = round(out["uvloop"]["cpu_ms_per_row"] / out["asyncio"]["cpu_ms_per_row"], 3)
+    return out
+
+
 def min_gap(starts: list[float]) -> float:
     """The shortest time between two consecutive request starts, as the server saw them."""
     s = sorted(starts)
@@ -504,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(chosen) - {"machine", "lifted", "memory", "polite", "scrapy", "workers"}
+    unknown = set(chosen) - {"machine", "lifted", "memory", "polite", "scrapy", "workers", "loop"}
     if unknown:
         parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
     settings = Settings(args.fsync, args.inflight_per_host, args.max_job_minutes * 60)
@@ -568,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         print("workers: 20,000 rows with --workers 1 and 2; 20,000 rows with 3 under caps", flush=True)
         # 20,000 rows even in quick mode: fewer leave starting N processes a large part of the run.
         scenarios["workers"] = workers_job(admin_dsn, 20_000, settings)
+    if "loop" in chosen:
+        print(f"loop: {sizes.lifted_rows:,} rows on asyncio's event loop and on uvloop, alternately", flush=True)
+        scenarios["loop"] = loop_job(admin_dsn, sizes.lifted_rows, settings)
     results["targets"] = report.targets(results)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
