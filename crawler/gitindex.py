@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 SIGNATURE = b"DIRC"
 HASH_LEN = 20  # sha1 repositories only (gitpack refuses the others)
-READ_CHUNK = 1 << 20
+READ_CHUNK = 256 << 10  # bytes read (and written) at a time: a new shared part of 100 MB streams through this
 # A new shared part once the entries outside it number more than sqrt(SPLIT_BALANCE * shared):
 # with about 400 entries added per call, this balances rewriting the split part on every call
 # (cost ~ its entries) against rewriting the shared part now and then (~ all entries), about
