@@ -32,6 +32,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m bench.tarball
 	$(PY) -m bench.index
 	$(PY) -m bench.status
+	$(PY) -m bench.worker_memory
 
 clean:
 	rm -rf $(VENV) .sandbox reports build *.egg-info
