@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from crawler import engine
 from crawler.leases import Leases, OwnLeases, unit_of
@@ -27,6 +28,20 @@ async def _db(dsn, tmp_path):
     return await engine.open_database(cfg)
 
 
+@pytest.fixture
+async def open_db(dsn, tmp_path):
+    """Opens a Database on the test's database; all closed at the end."""
+    opened = []
+
+    async def make():
+        db = await _db(dsn, tmp_path)
+        opened.append(db)
+        return db
+    yield make
+    for db in opened:
+        await db.close()
+
+
 async def _expire(dsn: str, holder: str) -> None:
     """As if `holder` had been killed lease_s ago: its leases and its presence ran out."""
     conn = await asyncpg.connect(dsn)
@@ -37,105 +52,86 @@ async def _expire(dsn: str, holder: str) -> None:
         await conn.close()
 
 
-async def test_two_processes_share_the_units_and_never_hold_one_together(dsn, tmp_path):
-    db_a, db_b = await _db(dsn, tmp_path), await _db(dsn, tmp_path)
-    try:
-        a = Leases(db_a, "run-1", UNITS, 30, holder="a")
-        b = Leases(db_b, "run-1", UNITS, 30, holder="b")
-        await asyncio.gather(a.join(2, poll_s=0.01), b.join(2, poll_s=0.01))
-        (got_a, lost_a), (got_b, lost_b) = await asyncio.gather(a.tick(), b.tick())
-        assert not set(got_a) & set(got_b), "no unit held by both"
-        assert lost_a == lost_b == []
-        assert len(got_a) <= 3 and len(got_b) <= 3, "each takes its share (5 units over 2 processes)"
-        # Later ticks take what is left, still never the other's.
-        for _ in range(3):
-            await a.tick()
-            await b.tick()
-        assert set(a.held) | set(b.held) == set(UNITS)
-        assert not set(a.held) & set(b.held)
-    finally:
-        await db_a.close()
-        await db_b.close()
-
-
-async def test_a_dead_holders_units_are_taken_over_and_it_learns_it_lost_them(dsn, tmp_path):
-    db_a, db_b = await _db(dsn, tmp_path), await _db(dsn, tmp_path)
-    try:
-        a = Leases(db_a, "run-1", UNITS, 30, holder="a")
-        b = Leases(db_b, "run-1", UNITS, 30, holder="b")
-        await a.join(1)
-        await b.join(1)
+async def test_two_processes_share_the_units_and_never_hold_one_together(open_db):
+    db_a, db_b = await open_db(), await open_db()
+    a = Leases(db_a, "run-1", UNITS, 30, holder="a")
+    b = Leases(db_b, "run-1", UNITS, 30, holder="b")
+    await asyncio.gather(a.join(2, poll_s=0.01), b.join(2, poll_s=0.01))
+    (got_a, lost_a), (got_b, lost_b) = await asyncio.gather(a.tick(), b.tick())
+    assert not set(got_a) & set(got_b), "no unit held by both"
+    assert lost_a == lost_b == []
+    assert len(got_a) <= 3 and len(got_b) <= 3, "each takes its share (5 units over 2 processes)"
+    # Later ticks take what is left, still never the other's.
+    for _ in range(3):
         await a.tick()
         await b.tick()
-        a_units = set(a.held)
-        assert a_units and set(b.held)
-        await _expire(dsn, "a")
-        gained, _lost = await b.tick()
-        assert set(gained) == a_units, "the survivor takes every unit the dead one held"
-        assert set(b.held) == set(UNITS)
-        # The "dead" one was only cut off: its next renewal tells it the units are gone.
-        _gained, lost = await a.tick()
-        assert set(lost) == a_units and not a.held
-    finally:
-        await db_a.close()
-        await db_b.close()
+    assert set(a.held) | set(b.held) == set(UNITS)
+    assert not set(a.held) & set(b.held)
 
 
-async def test_a_lease_not_renewed_in_time_stops_being_ours_locally(dsn, tmp_path):
+async def test_a_dead_holders_units_are_taken_over_and_it_learns_it_lost_them(dsn, open_db):
+    db_a, db_b = await open_db(), await open_db()
+    a = Leases(db_a, "run-1", UNITS, 30, holder="a")
+    b = Leases(db_b, "run-1", UNITS, 30, holder="b")
+    await a.join(1)
+    await b.join(1)
+    await a.tick()
+    await b.tick()
+    a_units = set(a.held)
+    assert a_units and set(b.held)
+    await _expire(dsn, "a")
+    gained, _lost = await b.tick()
+    assert set(gained) == a_units, "the survivor takes every unit the dead one held"
+    assert set(b.held) == set(UNITS)
+    # The "dead" one was only cut off: its next renewal tells it the units are gone.
+    _gained, lost = await a.tick()
+    assert set(lost) == a_units and not a.held
+
+
+async def test_a_lease_not_renewed_in_time_stops_being_ours_locally(open_db):
     """The database away: past lease_s since the last renewal was sent, the unit is no longer
     ours to serve, whatever the database says later."""
-    db = await _db(dsn, tmp_path)
-    try:
-        clock = Clock()
-        a = Leases(db, "run-1", ["europepmc"], 30, holder="a", clock=clock)
-        await a.join(1)
-        await a.tick()
-        assert a.holds("europepmc")
-        clock.now += 29.9
-        assert a.holds("europepmc")
-        clock.now += 0.2
-        assert not a.holds("europepmc")
-        assert a.expired() == ["europepmc"] and not a.held
-    finally:
-        await db.close()
+    db = await open_db()
+    clock = Clock()
+    a = Leases(db, "run-1", ["europepmc"], 30, holder="a", clock=clock)
+    await a.join(1)
+    await a.tick()
+    assert a.holds("europepmc")
+    clock.now += 29.9
+    assert a.holds("europepmc")
+    clock.now += 0.2
+    assert not a.holds("europepmc")
+    assert a.expired() == ["europepmc"] and not a.held
 
 
-async def test_a_swept_unit_is_not_taken_again_by_the_run_but_is_by_another_run(dsn, tmp_path):
-    db_a, db_b, db_c = await _db(dsn, tmp_path), await _db(dsn, tmp_path), await _db(dsn, tmp_path)
-    try:
-        a = Leases(db_a, "run-1", ["pmc"], 30, holder="a")
-        b = Leases(db_b, "run-1", ["pmc"], 30, holder="b")
-        c = Leases(db_c, "run-2", ["pmc"], 30, holder="c")
-        await a.join(1)
-        assert (await a.tick())[0] == ["pmc"]
-        await a.finish("pmc")
-        assert a.all_done() and a.holds("pmc"), "kept until its files are stamped (release)"
-        await b.join(1)
-        assert (await b.tick())[0] == [] and b.all_done(), "the run swept it: its other processes end"
-        await c.join(1)
-        assert (await c.tick())[0] == [], "held until a gives it back"
-        await a.release()
-        assert (await c.tick())[0] == ["pmc"], "another run sweeps it again (rows may be due again)"
-    finally:
-        for db in (db_a, db_b, db_c):
-            await db.close()
+async def test_a_swept_unit_is_not_taken_again_by_the_run_but_is_by_another_run(open_db):
+    db_a, db_b, db_c = await open_db(), await open_db(), await open_db()
+    a = Leases(db_a, "run-1", ["pmc"], 30, holder="a")
+    b = Leases(db_b, "run-1", ["pmc"], 30, holder="b")
+    c = Leases(db_c, "run-2", ["pmc"], 30, holder="c")
+    await a.join(1)
+    assert (await a.tick())[0] == ["pmc"]
+    await a.finish("pmc")
+    assert a.all_done() and a.holds("pmc"), "kept until its files are stamped (release)"
+    await b.join(1)
+    assert (await b.tick())[0] == [] and b.all_done(), "the run swept it: its other processes end"
+    await c.join(1)
+    assert (await c.tick())[0] == [], "held until a gives it back"
+    await a.release()
+    assert (await c.tick())[0] == ["pmc"], "another run sweeps it again (rows may be due again)"
 
 
-async def test_released_leases_are_free_at_once(dsn, tmp_path):
-    db_a, db_b = await _db(dsn, tmp_path), await _db(dsn, tmp_path)
-    try:
-        a = Leases(db_a, "run-1", UNITS, 30, holder="a")
-        b = Leases(db_b, "run-2", UNITS, 30, holder="b")
-        await a.join(1)
-        await a.tick()
-        assert set(a.held) == set(UNITS)
-        await b.join(1)
-        assert (await b.tick())[0] == [], "all held by a live holder"
-        await a.release()
-        assert sorted((await b.tick())[0]) == sorted(UNITS), "free once given back (b alone now)"
-    finally:
-        await db_a.close()
-        await db_b.close()
+async def test_released_leases_are_free_at_once(open_db):
+    db_a, db_b = await open_db(), await open_db()
+    a = Leases(db_a, "run-1", UNITS, 30, holder="a")
+    b = Leases(db_b, "run-2", UNITS, 30, holder="b")
+    await a.join(1)
+    await a.tick()
+    assert set(a.held) == set(UNITS)
+    await b.join(1)
+    assert (await b.tick())[0] == [], "all held by a live holder"
+    await a.release()
+    assert sorted((await b.tick())[0]) == sorted(UNITS), "free once given back (b alone now)"
 
 
 def test_hosts_fall_into_a_fixed_number_of_groups():
@@ -154,32 +150,29 @@ async def test_own_leases_serve_everything_without_a_database():
     assert own.all_done()
 
 
-async def test_a_renewal_answered_after_the_lease_ran_out_counts_as_lost(dsn, tmp_path):
+async def test_a_renewal_answered_after_the_lease_ran_out_counts_as_lost(open_db):
     """Workers stop on a unit the moment its lease runs out locally; a renewal that comes back
     later must not make it ours again behind their backs (the unit would never end)."""
-    db = await _db(dsn, tmp_path)
-    try:
-        clock = Clock()
+    db = await open_db()
+    clock = Clock()
 
-        class Slow:
-            """The store, with time passing while the renewal is on its way."""
+    class Slow:
+        """The store, with time passing while the renewal is on its way."""
 
-            def __getattr__(self, name):
-                return getattr(db, name)
+        def __getattr__(self, name):
+            return getattr(db, name)
 
-            async def lease_renew(self, *args):
-                kept = await db.lease_renew(*args)
-                clock.now += 31
-                return kept
+        async def lease_renew(self, *args):
+            kept = await db.lease_renew(*args)
+            clock.now += 31
+            return kept
 
-        a = Leases(Slow(), "run-1", ["europepmc"], 30, holder="a", clock=clock)
-        await a.join(1)
-        assert (await a.tick())[0] == ["europepmc"]
-        clock.now += 20  # within the lease; the renewal then takes 31 s to answer
-        _gained, lost = await a.tick()
-        assert "europepmc" in lost
-    finally:
-        await db.close()
+    a = Leases(Slow(), "run-1", ["europepmc"], 30, holder="a", clock=clock)
+    await a.join(1)
+    assert (await a.tick())[0] == ["europepmc"]
+    clock.now += 20  # within the lease; the renewal then takes 31 s to answer
+    _gained, lost = await a.tick()
+    assert "europepmc" in lost
 
 
 async def test_a_scan_that_fails_ends_the_run_and_leaves_its_unit_unswept(dsn, sim, repo, tmp_path, monkeypatch):
