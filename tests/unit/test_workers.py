@@ -68,3 +68,4 @@ def test_a_failed_child_fails_the_run():
     killed = workers.merge_run([ok, None], [0, -9], [11, 12])
     assert "fatal" not in killed and killed["workers_lost"] == 1 and killed["workers"][1]["status"] == "lost"
     assert workers.merge_run([None, None], [-9, -9], [1, 2])["fatal"].startswith("no worker finished")
+
