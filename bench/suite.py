@@ -428,8 +428,8 @@ def workers_job(admin_dsn: str, rows: int, settings: Settings) -> dict[str, Any]
 
 
 def loop_job(admin_dsn: str, rows: int, settings: Settings, rounds: int = 2) -> dict[str, Any]:
-    """The lifted workload on asyncio's own event loop and on uvloop (CRAWLER_EVENT_LOOP; uvloop
-    is what runs when installed), alternately: job CPU per row and rows/s, medians."""
+    """The lifted workload on asyncio's own event loop and on uvloop (CRAWLER_EVENT_LOOP=uvloop,
+    for this comparison only: see crawler/cli.py), alternately: job CPU per row and rows/s, medians."""
     runs: dict[str, list[dict[str, Any]]] = {"asyncio": [], "uvloop": []}
     for n in range(rounds):
         for loop in ("asyncio", "uvloop"):

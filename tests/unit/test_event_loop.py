@@ -1,20 +1,21 @@
-"""The command line's event loop: uvloop when installed (the `fast` extra), asyncio on request."""
+"""The command line's event loop: asyncio's own; uvloop only when the bench asks for it."""
 
 from __future__ import annotations
 
+import asyncio
 
-def test_the_event_loop_is_uvloop_when_installed_unless_asked_for_asyncio(monkeypatch):
-    import asyncio
+import pytest
 
-    import pytest
+from crawler import cli
 
-    from crawler import cli
-    pytest.importorskip("uvloop")
 
-    async def which() -> str:
-        return type(asyncio.get_running_loop()).__module__
+async def _which() -> str:
+    return type(asyncio.get_running_loop()).__module__
 
+
+def test_the_jobs_run_on_asyncios_loop_unless_the_bench_asks_for_uvloop(monkeypatch):
     monkeypatch.delenv("CRAWLER_EVENT_LOOP", raising=False)
-    assert cli._run_loop(which()).startswith("uvloop")
-    monkeypatch.setenv("CRAWLER_EVENT_LOOP", "asyncio")
-    assert cli._run_loop(which()).startswith("asyncio")
+    assert cli._run_loop(_which()).startswith("asyncio")
+    pytest.importorskip("uvloop")
+    monkeypatch.setenv("CRAWLER_EVENT_LOOP", "uvloop")
+    assert cli._run_loop(_which()).startswith("uvloop")
