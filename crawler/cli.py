@@ -223,7 +223,7 @@ def _run_loop(main: Any) -> Any:
     bench only: it cut the figure job's CPU per row by 14 %, but libuv reads its clock once per
     loop iteration, in whole milliseconds, and fires timers against that reading, so a budget's
     starts could come closer together than its rate allows by up to an iteration's length (the
-    bench's politeness check saw 0.992 x 1/rate at the server)."""
+    bench's politeness check saw 0.992 x 1/rate at the server on a busy machine)."""
     if os.environ.get("CRAWLER_EVENT_LOOP", "") == "uvloop":
         try:
             import uvloop
