@@ -110,15 +110,10 @@ class UsageError(Exception):
 
 
 def _workers_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f'must be a whole number of at least 1, or "auto", got {text!r}')
-    return n
+    value: int | str = int(text) if text.lstrip("-").isdigit() else text
+    if not config_mod.worker_count_ok(value):
+        raise argparse.ArgumentTypeError(f"{config_mod.WORKERS_RULE}, got {text!r}")
+    return value
 
 
 def version() -> str:

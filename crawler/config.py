@@ -46,6 +46,14 @@ def _type_name(v: Any) -> str:
             list: "a list", dict: "a table"}.get(type(v), type(v).__name__)
 
 
+WORKERS_RULE = 'must be a whole number of at least 1, or "auto"'
+
+
+def worker_count_ok(value: Any) -> bool:
+    """run.workers and --workers: a whole number of at least 1, or "auto" (one per core)."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def _same_type(default: Any, value: Any, key: str = "") -> bool:
     if key == "workers":  # a number, or "auto" (checked in _validate)
         return isinstance(value, (int, str))
@@ -154,9 +162,8 @@ def _validate(tree: dict[str, Any], origin: str) -> None:
                          ("http", "rate_guard_s"), ("recovery", "tarballs")]:
         if tree[section][key] < 0:
             raise bad(f"{section}.{key}", f"must not be negative, got {tree[section][key]!r}")
-    workers = tree["run"]["workers"]
-    if not (workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1)):
-        raise bad("run.workers", f'must be a whole number of at least 1, or "auto", got {workers!r}')
+    if not worker_count_ok(tree["run"]["workers"]):
+        raise bad("run.workers", f'{WORKERS_RULE}, got {tree["run"]["workers"]!r}')
     template = tree["artifacts"]["figure_path"]
     if "{ext}" not in template:
         raise bad("artifacts.figure_path", "must contain {ext}")

@@ -87,14 +87,26 @@ def is_connection_error(exc: BaseException) -> bool:
         asyncpg.exceptions.CannotConnectNowError))
 
 
+def _decoded(records: Sequence[Any], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows as dicts, their JSON columns `keys` decoded (None stays None)."""
+    out = []
+    for r in records:
+        d = dict(r)
+        for key in keys:
+            d[key] = json.loads(d[key]) if d[key] is not None else None
+        out.append(d)
+    return out
+
+
 class Database:
     def __init__(self, pool: asyncpg.Pool, table: str, schema: str, read_only: bool = False) -> None:
         self._pool = pool
         self.read_only = read_only
         self._dsn = ""
         self._connect_timeout_s = 10.0
-        self._beat_conn: asyncpg.Connection | None = None  # the heartbeat's own: never queued behind pages
-        self._lease_conn_: asyncpg.Connection | None = None  # the leases' own, likewise
+        # Connections of their own ("beat": heartbeats, "lease": leases), never queued behind
+        # pages: with a producer per unit the pool's connections can all be busy.
+        self._own: dict[str, asyncpg.Connection] = {}
         self.table_name = table
         self.schema_name = schema
         self._idents = {"table": quote_ident(table), "schema": quote_ident(schema), "updated_at": ""}
@@ -122,10 +134,10 @@ class Database:
         return db
 
     async def close(self) -> None:
-        for conn in (self._beat_conn, self._lease_conn_):
-            if conn is not None and not conn.is_closed():
+        for conn in self._own.values():
+            if not conn.is_closed():
                 await conn.close()
-        self._beat_conn = self._lease_conn_ = None
+        self._own.clear()
         await self._pool.close()
 
     def _sql(self, text: str) -> str:
@@ -192,15 +204,19 @@ class Database:
     async def heartbeat(self, run_id: str, progress: dict[str, Any]) -> None:
         """On a connection of its own: with a producer per host the pool's connections can all
         be busy with pages, and a heartbeat waiting behind them would show a healthy run lost."""
-        if self._beat_conn is None or self._beat_conn.is_closed():
-            self._beat_conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
-        await self._beat_conn.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
+        conn = await self._own_conn("beat")
+        await conn.execute(self._sql(Q.HEARTBEAT), run_id, to_json(progress))
 
-    # -- leases (crawler/leases.py): on a connection of their own, never queued behind pages ----
+    async def _own_conn(self, name: str) -> asyncpg.Connection:
+        conn = self._own.get(name)
+        if conn is None or conn.is_closed():
+            conn = self._own[name] = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
+        return conn
+
     async def _lease_conn(self) -> asyncpg.Connection:
-        if self._lease_conn_ is None or self._lease_conn_.is_closed():
-            self._lease_conn_ = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s)
-        return self._lease_conn_
+        return await self._own_conn("lease")
+
+    # -- leases (crawler/leases.py) --------------------------------------------------------------
 
     async def lease_take(self, holder: str, run_id: str, lease_s: float, units: Sequence[str], limit: int) -> list[str]:
         conn = await self._lease_conn()
@@ -235,21 +251,11 @@ class Database:
             await conn.execute(self._sql(Q.LEASE_HOLDERS_FORGET))
 
     async def lease_run_progress(self, run_id: str) -> list[dict[str, Any]]:
-        out = []
-        for r in await self._pool.fetch(self._sql(Q.LEASE_RUN_PROGRESS), run_id):
-            d = dict(r)
-            d["progress"] = json.loads(d["progress"]) if d["progress"] is not None else None
-            out.append(d)
-        return out
+        return _decoded(await self._pool.fetch(self._sql(Q.LEASE_RUN_PROGRESS), run_id), ("progress",))
 
     async def recent_runs(self, limit: int, heartbeat_s: float) -> list[dict[str, Any]]:
-        out = []
-        for r in await self._pool.fetch(self._sql(Q.RECENT_RUNS), limit, float(heartbeat_s)):
-            d = dict(r)
-            for key in ("progress", "summary"):
-                d[key] = json.loads(d[key]) if d[key] is not None else None
-            out.append(d)
-        return out
+        return _decoded(await self._pool.fetch(self._sql(Q.RECENT_RUNS), limit, float(heartbeat_s)),
+                        ("progress", "summary"))
 
     async def latest_recover_summary(self) -> dict[str, Any] | None:
         value = await self._pool.fetchval(self._sql(Q.LATEST_RECOVER_SUMMARY))

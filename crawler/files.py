@@ -296,22 +296,10 @@ def remove_stale_parts(top: Path, now: float | None = None) -> int:
             fields = name[len(PART_PREFIX):-len(PART_SUFFIX)].rsplit("@", 3)
             try:
                 ours = len(fields) == 4 and fields[1] == _MACHINE and fields[2].isdigit()
-                if (not ours or _alive(int(fields[2]))) and now - os.stat(path).st_mtime < STALE_PART_AGE_S:
+                if (not ours or native.process_alive(fields[2])) and now - os.stat(path).st_mtime < STALE_PART_AGE_S:
                     continue
                 os.unlink(path)
                 removed += 1
             except FileNotFoundError:
                 pass  # its writer renamed or removed it meanwhile
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

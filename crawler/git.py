@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import gitindex, gitpack
+from . import gitindex, gitpack, native
 
 
 
@@ -411,14 +411,14 @@ class GitRepo:
         lock_fd = _flock(gitdir / "crawler-commit.lock", self.timeout_s)
         try:
             for f in gitdir.glob("crawler-index-*"):  # private indexes of earlier versions' runs
-                if not _alive(f.name.split("-")[2]):
+                if not native.process_alive(f.name.split("-")[2]):
                     f.unlink(missing_ok=True)
             for f in gitdir.glob("sharedindex_crawler.*"):  # a shared index part a killed worker was writing
-                if not _alive(f.name.rsplit(".", 1)[1]):
+                if not native.process_alive(f.name.rsplit(".", 1)[1]):
                     f.unlink(missing_ok=True)
             for f in gitdir.glob("crawler-indexlock-*"):  # a killed run's own file for the index lock
                 pid = f.name.rsplit("-", 1)[1]
-                if pid.isdigit() and not _alive(pid):
+                if pid.isdigit() and not native.process_alive(pid):
                     f.unlink(missing_ok=True)
         finally:
             os.close(lock_fd)
@@ -427,7 +427,7 @@ class GitRepo:
         # are on the branch, or were never published and are garbage).
         for ref in self._git("for-each-ref", "--format=%(refname)", "refs/crawler/").split():
             pid = ref.rsplit("/", 1)[-1].split("-")[1] if ref.rsplit("/", 1)[-1].startswith("import-") else ""
-            if pid and not _alive(pid):
+            if pid and not native.process_alive(pid):
                 try:
                     self._git("update-ref", "-d", ref)
                 except GitError:
@@ -729,16 +729,6 @@ def _write_replace(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _flock(path: Path, timeout_s: float) -> int:

@@ -34,6 +34,18 @@ def malloc_trim() -> None:
         _LIBC.malloc_trim(0)
 
 
+def process_alive(pid: int | str) -> bool:
+    """Whether process `pid` exists on this machine (in this pid namespace); a pid that is not a
+    number is not alive."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # someone else's, alive
+    return True
+
+
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 

@@ -38,6 +38,7 @@ TABLE_WIDE = ("no_url", "bad_metadata", "planned")
 
 
 def worker_count(value: Any) -> int:
+    """How many processes `value` (config.worker_count_ok) means on this machine."""
     if value == "auto":
         return os.cpu_count() or 1
     return int(value)
@@ -78,7 +79,6 @@ class WorkersJob:
         self.procs: list[asyncio.subprocess.Process] = []
         self._signals = 0
         self._progress: dict[str, Any] = {}
-        self._watch: asyncio.Task[None] | None = None
 
     def _signal_children(self, sig: int) -> None:
         for p in self.procs:
@@ -89,12 +89,12 @@ class WorkersJob:
                     pass
 
     def stop(self) -> None:
+        """A first stop drains each child; a second (abort) cuts their requests off: each child
+        counts the signals it gets, as the parent does."""
         self._signals += 1
         self._signal_children(signal.SIGTERM)
 
-    def abort(self) -> None:
-        self._signals += 1
-        self._signal_children(signal.SIGTERM)  # the child's second signal: it cuts requests off
+    abort = stop
 
     def exit_now(self) -> None:
         self._signal_children(signal.SIGKILL)
@@ -125,11 +125,11 @@ class WorkersJob:
             for _ in range(self._signals):  # a stop that came while it was starting
                 proc.send_signal(signal.SIGTERM)
         log.info("workers.started", workers=self.count, pids=[p.pid for p in self.procs])
-        self._watch = asyncio.create_task(self._watch_progress())
+        watch = asyncio.create_task(self._watch_progress())
         try:
             codes = [await p.wait() for p in self.procs]
         finally:
-            self._watch.cancel()
+            watch.cancel()
             self._signal_children(signal.SIGKILL)  # only those still running: the parent is leaving
         summaries = []
         for k in range(self.count):

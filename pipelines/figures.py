@@ -214,14 +214,12 @@ class FigureJob:
                 if not said_away:  # the units we hold stay ours until their lease runs out
                     log.warning("lease.renew_failed", error=f"{type(exc).__name__}: {exc}")
                     said_away = True
-                gained, lost = [], self.leases.expired()
-            for name in lost:
-                self._stop_unit(name)
-            # Whatever a tick said or failed to say: a unit served that is no longer surely ours
-            # is stopped (its workers may already have seen its lease run out).
+                gained, lost = [], []
+            # Whatever a tick said or failed to say: a unit lost, or served and no longer surely
+            # ours (its workers may already have seen its lease run out), is stopped.
+            lost = set(lost) | set(self.leases.expired())
             for name, unit in list(self._units.items()):
-                if unit.serving() and not self.leases.holds(name):
-                    self.leases.held.pop(name, None)
+                if name in lost or (unit.serving() and not self.leases.holds(name)):
                     self._stop_unit(name)
             for name in gained:
                 if self._limit_reached:
@@ -444,6 +442,9 @@ class FigureJob:
             self._unit_ended.set()
 
     def _queue_for(self, unit: _Unit, host: str | None) -> asyncio.Queue[Any]:
+        queue = unit.queue_of_host.get(host)
+        if queue is not None:  # the row's host seen before: no budget lookup per row
+            return queue
         name = UNPARSEABLE if host is None else self.budgets.name_for(host)
         queue = self._queues.get(name)
         if queue is None:
@@ -457,6 +458,7 @@ class FigureJob:
             tasks = [asyncio.create_task(self._work(unit, queue), name=f"worker:{name}:{i}") for i in range(inflight)]
             unit.workers += tasks
             self._workers += tasks
+        unit.queue_of_host[host] = queue
         return queue
 
     # -- one row -------------------------------------------------------------------------------------
@@ -734,6 +736,7 @@ class _Unit:
     lost: bool = False
     recorded: bool = False       # recorded as swept for the run (lease_done)
     room: asyncio.Semaphore | None = None  # a group of hosts: rows queued across its hosts, at most
+    queue_of_host: dict[str | None, asyncio.Queue[Any]] = field(default_factory=dict)
 
     def serving_rows(self) -> bool:
         return self.workers_done < len(self.workers)
