@@ -231,10 +231,10 @@ class Database:
         conn = await self._lease_conn()
         await conn.execute(self._sql(Q.LEASE_DONE), holder, run_id, unit)
 
-    async def lease_state(self, run_id: str, units: Sequence[str]) -> tuple[set[str], int, int]:
-        """(units this run has swept, processes alive, processes alive in this run)."""
+    async def lease_state(self, holder: str, run_id: str, units: Sequence[str]) -> tuple[set[str], int, int]:
+        """(units swept for `holder` of `run_id`, processes alive, processes alive in the run)."""
         conn = await self._lease_conn()
-        r = await conn.fetchrow(self._sql(Q.LEASE_STATE), run_id, list(units))
+        r = await conn.fetchrow(self._sql(Q.LEASE_STATE), run_id, list(units), holder)
         return set(r["done"]), r["alive"], r["alive_in_run"]
 
     async def lease_holder_seen(self, holder: str, run_id: str, lease_s: float, progress: dict[str, Any] | None) -> None:

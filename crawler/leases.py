@@ -16,7 +16,8 @@ A lease is *surely ours* until the local clock reached, before the renewing stat
 plus lease_s: the database's expiry is later than that, so no one else can hold it while we
 think we do. Past that without a renewal (the database away) the unit is dropped: its rows stay
 for whoever takes it next. A unit swept to its end is recorded as done for the run (`lease_done`);
-the run's processes do not take it again, and a process ends once every unit is done, so a
+the run's processes do not take it again (nor does a process of another run that started before
+that sweep ended: see SWEPT_FOR_US in crawler/sql/queries.py), and a process ends once every unit is done, so a
 process killed mid-run has its units taken over by the others before they end. Leases are given
 back at the very end (`release`), once what was fetched is committed and stamped.
 """
@@ -52,7 +53,7 @@ class LeaseStore(Protocol):
     async def lease_take(self, holder: str, run_id: str, lease_s: float, units: Sequence[str], limit: int) -> list[str]: ...
     async def lease_renew(self, holder: str, lease_s: float, units: Sequence[str]) -> set[str]: ...
     async def lease_done(self, holder: str, run_id: str, unit: str) -> None: ...
-    async def lease_state(self, run_id: str, units: Sequence[str]) -> tuple[set[str], int, int]: ...
+    async def lease_state(self, holder: str, run_id: str, units: Sequence[str]) -> tuple[set[str], int, int]: ...
     async def lease_holder_seen(self, holder: str, run_id: str, lease_s: float, progress: dict[str, Any] | None) -> None: ...
     async def lease_release(self, holder: str) -> None: ...
 
@@ -92,7 +93,7 @@ class Leases:
         await self.store.lease_holder_seen(self.holder, self.run_id, self.lease_s, None)
         deadline = self.clock() + self.lease_s
         while expect > 1 and self.clock() < deadline:
-            _done, _alive, in_run = await self.store.lease_state(self.run_id, self.units)
+            _done, _alive, in_run = await self.store.lease_state(self.holder, self.run_id, self.units)
             if in_run >= expect:
                 return
             await asyncio.sleep(poll_s)
@@ -122,7 +123,7 @@ class Leases:
                     lost.append(unit)
         await self.store.lease_holder_seen(self.holder, self.run_id, self.lease_s,
                                            self.progress() if self.progress is not None else None)
-        done, self.alive, _in_run = await self.store.lease_state(self.run_id, self.units)
+        done, self.alive, _in_run = await self.store.lease_state(self.holder, self.run_id, self.units)
         self.done |= done
         open_units = [u for u in self._order if u not in self.done]
         share = math.ceil(len(open_units) / max(self.alive, 1))

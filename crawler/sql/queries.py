@@ -278,13 +278,20 @@ where manifest_id = $1 and type = 'file' and (skipped is null or sha256 is not n
 group by norm_path, size"""
 
 # -- leases (crawler/leases.py) ---------------------------------------------------------------
+
+# A unit counts as swept for us when our run swept it, or any run did after this process started
+# (that sweep saw every row due when we started). Not waiting to sweep it again matters: a swept
+# unit's lease is kept until its holder ends, so two overlapping runs each waiting to sweep the
+# other's units would wait for ever.
+SWEPT_FOR_US = ("d.run_id = {run} or d.done_at >= "
+                "(select started_at from {{schema}}.lease_holders where holder = {holder})")
 # Take up to $5 of the units in $4 (in that order) that nobody holds (or whose lease expired)
 # and that this run has not swept already. One statement: two processes asking at once each get a unit or not, never both.
 LEASE_TAKE = """
 insert into {schema}.leases as l (unit, holder, run_id, acquired_at, expires_at)
 select t.u, $1::text, $2::text, now(), now() + make_interval(secs => $3::float8)
 from unnest($4::text[]) with ordinality t(u, k)
-where not exists (select 1 from {schema}.lease_done d where d.run_id = $2::text and d.unit = t.u)
+where not exists (select 1 from {schema}.lease_done d where d.unit = t.u and ({swept_take}))
   and not exists (select 1 from {schema}.leases h where h.unit = t.u and h.expires_at >= now())
 order by t.k
 limit $5::int
@@ -307,13 +314,17 @@ on conflict do nothing"""
 
 LEASE_RELEASE = "delete from {schema}.leases where holder = $1::text"
 
-# The units of $2 this run has swept, and how many processes are alive (this one included).
+# The units of $2 swept for holder $3 of run $1, and how many processes are alive (this one included).
 LEASE_STATE = """
-select (select coalesce(array_agg(unit), '{{}}') from {schema}.lease_done where run_id = $1::text and unit = any($2::text[])) as done,
+select (select coalesce(array_agg(distinct unit), '{{}}') from {schema}.lease_done d
+         where d.unit = any($2::text[]) and ({swept_state})) as done,
        (select count(*) from {schema}.lease_holders
          where seen_at > now() - make_interval(secs => lease_s)) as alive,
        (select count(*) from {schema}.lease_holders
          where run_id = $1::text and seen_at > now() - make_interval(secs => lease_s)) as alive_in_run"""
+
+LEASE_TAKE = LEASE_TAKE.replace("{swept_take}", SWEPT_FOR_US.format(run="$2::text", holder="$1::text"))
+LEASE_STATE = LEASE_STATE.replace("{swept_state}", SWEPT_FOR_US.format(run="$1::text", holder="$3::text"))
 
 LEASE_HOLDER_SEEN = """
 insert into {schema}.lease_holders (holder, run_id, host, pid, seen_at, lease_s, progress)

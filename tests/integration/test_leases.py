@@ -199,3 +199,21 @@ async def test_a_scan_that_fails_ends_the_run_and_leaves_its_unit_unswept(dsn, s
     finally:
         await conn.close()
     assert sim.log == []
+
+
+async def test_two_overlapping_runs_each_count_the_others_sweep_and_end(open_db):
+    """Two runs at once, each sweeping half the units: a unit the other run swept after this one
+    started counts as swept for this one too. (Each keeps its swept units' leases until it ends,
+    so waiting to sweep them itself would have each run wait for the other for ever.)"""
+    db_a, db_b = await open_db(), await open_db()
+    a = Leases(db_a, "run-1", ["u1", "u2"], 30, holder="a")
+    b = Leases(db_b, "run-2", ["u1", "u2"], 30, holder="b")
+    await a.join(1)
+    await b.join(1)
+    (got_a, _), (got_b, _) = await a.tick(), await b.tick()
+    assert len(got_a) == len(got_b) == 1 and got_a != got_b
+    await a.finish(got_a[0])
+    await b.finish(got_b[0])
+    await a.tick()
+    await b.tick()
+    assert a.all_done() and b.all_done()
