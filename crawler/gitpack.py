@@ -13,7 +13,9 @@ chunk, and a folder's next version in the same pack is stored as a delta that co
 unchanged chunks from the version before. What still grows with a folder is hashing its bytes
 (sha1; about 5 ms for the 8 MB of 200,000 entries) and its first version in each pack.
 Only folders on the way to a changed path are read (through one `git cat-file --batch`), and
-small ones are let go again once their pack is written.
+small ones are let go again once their pack is written. The big ones kept between calls keep
+their chunks in a scratch file (`Spill`), not in memory: at a million figures the one-entry-per-
+paper folder is 8 MB, which the worker's memory would otherwise grow by.
 
 Formats: gitformat-pack(5) (pack v2, index v2, OFS_DELTA, delta copy/insert), and git's tree
 order (names compared as bytes, a folder's name as if it ended in '/').
@@ -45,9 +47,10 @@ FOLDER_MODE = b"40000"
 CHUNK = 32             # entries per chunk: a change rewrites ~1.3 KB of a folder, and its delta carries as much
 DELTA_FROM = 4096      # folders at least this big are stored as deltas against their version before
 MAX_DEPTH = 50         # deltas on deltas, at most (git's own default)
-KEEP_LOADED = 64 << 10  # folders at least this big stay in memory between calls; smaller ones are read again
-LET_GO_KEPT = 6 << 20   # ... unless among the most recently let go, up to this many bytes
-FOLDER_OVERHEAD = 400   # bytes a small Folder costs beyond its entries (object, lists, chunk)
+KEEP_LOADED = 64 << 10  # folders at least this big are kept between calls (their chunks spilled); smaller ones are read again
+LET_GO_KEPT = 3 << 20   # ... unless among the most recently let go, up to this many bytes
+LET_GO_OVERHEAD = 200   # bytes a let-go folder's body costs beyond its entries (its key, the bytes object, the dict's node)
+SPILL_SLACK = 16 << 20  # a scratch file holding this much more than twice its live chunks is rewritten
 BLOB_CHUNK = 1 << 20
 READ_WHOLE = 1 << 20   # files up to this size are read in one go; larger ones are read twice (hashed, then written)
 HOLD_MAX = 32 << 20    # bytes held in memory across one call, at most: files beyond are streamed from disk
@@ -96,25 +99,87 @@ def _first_key(chunk: bytes) -> bytes:
     return _key(mode, name)
 
 
+class Spill:
+    """Chunks kept in a scratch file instead of memory, each named by a handle (its offset and
+    length in one int). Append-only: a chunk replaced stays readable (a pack being planned may
+    still name it) and counts as garbage until the file is rewritten (`PackCommitter._compact`).
+    The file has no name (unlinked at once), so nothing is left behind however the worker ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self._fh = tempfile.TemporaryFile(dir=directory, prefix="tmp_crawler_folders_")
+        self._fd = self._fh.fileno()
+        self.end = 0    # bytes in the file
+        self.live = 0   # of which chunks still in use
+
+    def put(self, chunk: bytes) -> int:
+        view, at = memoryview(chunk), self.end
+        while view:
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
+        handle = (self.end << 32) | len(chunk)
+        self.end += len(chunk)
+        self.live += len(chunk)
+        return handle
+
+    def get(self, handle: int) -> bytes:
+        n = handle & 0xFFFFFFFF
+        data = os.pread(self._fd, n, handle >> 32)
+        if len(data) != n:
+            raise PackError("the worker's scratch file of folders came back short")
+        return data
+
+    def drop(self, handle: int) -> None:
+        self.live -= handle & 0xFFFFFFFF
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 class Folder:
     """One tree: its serialised entries in chunks, the id of that content (None: changed since),
-    and the subfolders loaded below it."""
+    and the subfolders loaded below it. A chunk is its bytes, or, once the folder is spilled,
+    a handle into the Spill holding them."""
 
-    __slots__ = ("chunks", "firsts", "tree_id", "children", "written")
+    __slots__ = ("chunks", "firsts", "tree_id", "children", "written", "spill")
 
-    def __init__(self, body: bytes = b"", tree_id: bytes | None = None) -> None:
-        self.chunks: list[bytes] = []
+    def __init__(self, body: bytes = b"", tree_id: bytes | None = None, spill: Spill | None = None) -> None:
+        """`spill`: keep the chunks there from the start (a big folder read from git: its body
+        and a copy of it in chunks would both be in memory otherwise)."""
+        self.chunks: list[Any] = []
+        self.firsts: list[bytes] = []
         starts = [s for k, (s, _e, _m, _n, _o) in enumerate(_entries(body)) if k % CHUNK == 0]
         for a, b in zip(starts, starts[1:] + [len(body)]):
-            self.chunks.append(body[a:b])
-        self.firsts = [_first_key(c) for c in self.chunks]
+            chunk = body[a:b]
+            self.chunks.append(chunk if spill is None else spill.put(chunk))
+            self.firsts.append(_first_key(chunk))
+        self.spill = spill
         self.tree_id = tree_id
         self.children: dict[bytes, Folder] = {}
         # The version last written into the pack being built: (offset, its chunks, delta depth).
-        self.written: tuple[int, list[bytes], int] | None = None
+        self.written: tuple[int, list[Any], int] | None = None
 
     def size(self) -> int:
-        return sum(map(len, self.chunks))
+        return sum(map(self.length, self.chunks))
+
+    def length(self, chunk: Any) -> int:
+        return len(chunk) if self.spill is None else chunk & 0xFFFFFFFF
+
+    def read(self, chunk: Any) -> bytes:
+        return chunk if self.spill is None else self.spill.get(chunk)
+
+    def pieces(self, chunks: list[Any]) -> Iterator[bytes]:
+        """The bytes of `chunks` (this folder's, now or at an earlier version), one at a time."""
+        return iter(chunks) if self.spill is None else map(self.spill.get, chunks)
+
+    def spill_to(self, spill: Spill) -> None:
+        """Keep the chunks in `spill` from now on (or move them to it from another)."""
+        if self.spill is spill:
+            return
+        self.chunks = [spill.put(c) for c in self.pieces(self.chunks)]
+        self.spill = spill
+
+    def body(self) -> bytes:
+        return b"".join(self.pieces(self.chunks))
 
     def _chunk_of(self, key: bytes) -> int:
         return max(bisect.bisect_right(self.firsts, key) - 1, 0)
@@ -124,7 +189,7 @@ class Folder:
         if not self.chunks:
             return None
         for ci in sorted({self._chunk_of(name), self._chunk_of(name + b"/")}):
-            for _s, _e, mode, entry_name, oid in _entries(self.chunks[ci]):
+            for _s, _e, mode, entry_name, oid in _entries(self.read(self.chunks[ci])):
                 if entry_name == name:
                     return mode, oid
         return None
@@ -136,12 +201,12 @@ class Folder:
         raw = mode + b" " + name + b"\0" + oid
         self.tree_id = None
         if not self.chunks:
-            self.chunks.append(raw)
+            self.chunks.append(raw if self.spill is None else self.spill.put(raw))
             self.firsts.append(key)
             return
         last = name + b"/"  # of the two keys `name` can have, the later
         ci = self._chunk_of(key)
-        chunk = self.chunks[ci]
+        chunk = self.read(self.chunks[ci])
         at, drop = len(chunk), None
         for s, e, m, entry_name, _o in _entries(chunk):
             entry_key = _key(m, entry_name)
@@ -160,16 +225,18 @@ class Folder:
         self._set_chunk(ci, chunk)
 
     def _set_chunk(self, ci: int, chunk: bytes) -> None:
-        self.chunks[ci] = chunk
-        self.firsts[ci] = _first_key(chunk)
+        pieces = [chunk]
         # Split one grown past 2 × CHUNK entries. Every entry has one NUL before its id (ids may
         # hold more), so the count is a cheap upper bound and the exact one is taken only then.
         if chunk.count(b"\0") > 2 * CHUNK:
             bounds = [s for s, _e, _m, _n, _o in _entries(chunk)]
             if len(bounds) > 2 * CHUNK:
                 mid = bounds[len(bounds) // 2]
-                self.chunks[ci:ci + 1] = [chunk[:mid], chunk[mid:]]
-                self.firsts[ci:ci + 1] = [_first_key(chunk[:mid]), _first_key(chunk[mid:])]
+                pieces = [chunk[:mid], chunk[mid:]]
+        if self.spill is not None:
+            self.spill.drop(self.chunks[ci])
+        self.chunks[ci:ci + 1] = pieces if self.spill is None else [self.spill.put(p) for p in pieces]
+        self.firsts[ci:ci + 1] = [_first_key(p) for p in pieces]
 
 
 @dataclass
@@ -300,28 +367,32 @@ def _insert(data: bytes) -> bytes:
     return bytes(out)
 
 
-def tree_delta(base: list[bytes], new: list[bytes]) -> bytes:
-    """A delta from the chunks `base` to the chunks `new`: chunks they share (the same objects)
-    are copied, the others inserted."""
+def tree_delta(base: list[Any], new: list[Any], folder: Folder | None = None) -> bytes:
+    """A delta from the chunks `base` to the chunks `new` (of `folder`, when they are handles
+    into its Spill): chunks they share (the same objects, or handles) are copied, the others
+    inserted."""
+    spilled = folder is not None and folder.spill is not None
+    same = (lambda c: c) if spilled else id
+    length = folder.length if folder is not None else len
     where: dict[int, int] = {}
     offset = 0
     for chunk in base:
-        where[id(chunk)] = offset
-        offset += len(chunk)
-    out = [_varint(offset), _varint(sum(map(len, new)))]
+        where[same(chunk)] = offset
+        offset += length(chunk)
+    out = [_varint(offset), _varint(sum(map(length, new)))]
     run_from = run_len = 0
     for chunk in new:
-        at = where.get(id(chunk))
+        at = where.get(same(chunk))
         if at is not None and run_len and at == run_from + run_len:
-            run_len += len(chunk)
+            run_len += length(chunk)
             continue
         if run_len:
             out.append(_copy(run_from, run_len))
             run_len = 0
         if at is not None:
-            run_from, run_len = at, len(chunk)
+            run_from, run_len = at, length(chunk)
         else:
-            out.append(_insert(chunk))
+            out.append(_insert(folder.read(chunk) if folder is not None else chunk))
     if run_len:
         out.append(_copy(run_from, run_len))
     return b"".join(out)
@@ -462,10 +533,10 @@ class ObjectReader:
                 what = b" ".join(header[1:]).decode(errors="replace") or "no answer"
                 raise PackError(f"git cat-file: {name} is not a {kind} ({what})")
             size = int(header[2])
-            data = self.proc.stdout.read(size + 1)
-            if len(data) != size + 1:
+            data = self.proc.stdout.read(size)  # and then its newline: no copy of a big folder to drop it
+            if len(data) != size or self.proc.stdout.read(1) != b"\n":
                 raise PackError(f"git cat-file stopped while reading {name}")
-            return data[:size]
+            return data
         except (BrokenPipeError, ValueError):
             raise PackError("git cat-file stopped") from None
 
@@ -486,7 +557,7 @@ class ObjectReader:
 @dataclass
 class _Tree:
     oid: bytes
-    chunks: list[bytes]
+    chunks: list[Any]  # the folder's chunks at this version (bytes, or handles into its Spill)
     size: int
     folder: Folder
 
@@ -507,15 +578,19 @@ class PackCommitter:
         self._top: Folder | None = None
         self.refused: dict[str, str] = {}
         self.entries: list[bytes] = []  # the index entries of the last commit() call's paths
-        # Small folders let go after a call, by tree id, most recent last: a paper's next figure
-        # often comes a few calls later (its rows are spread over the budgets), and reading its
-        # folder again from git walks the index of every pack written since.
-        self._let_go_recently: collections.OrderedDict[bytes, Folder] = collections.OrderedDict()
+        # Small folders let go after a call, by tree id, most recent last, as their bodies: a
+        # paper's next figure often comes a few calls later (its rows are spread over the
+        # budgets), and reading its folder again from git walks the index of every pack written since.
+        self._let_go_recently: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._let_go_bytes = 0
+        self._spill: Spill | None = None  # the big folders' chunks
 
     def forget(self) -> None:
         """The branch is not where we think: read the folders again next time."""
         self.tip, self._top = None, None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def _pack_written(self) -> None:
         """`git cat-file --batch` maps every pack it reads from and keeps the pages it touched:
@@ -534,13 +609,17 @@ class PackCommitter:
 
     def close(self) -> None:
         self._reader.close()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def _load(self, oid: bytes) -> Folder:
-        kept = self._let_go_recently.pop(oid, None)
-        if kept is not None:
-            self._let_go_bytes -= kept.size() + FOLDER_OVERHEAD
-            return kept
-        return Folder(self._reader.read(oid, "tree"), oid)
+        body = self._let_go_recently.pop(oid, None)
+        if body is not None:
+            self._let_go_bytes -= len(body) + LET_GO_OVERHEAD
+            return Folder(body, oid)
+        body = self._reader.read(oid, "tree")
+        return Folder(body, oid, self._scratch() if len(body) >= KEEP_LOADED else None)
 
     def _start_from(self, tip: str | None) -> Folder:
         if self._top is None or self.tip != tip:
@@ -591,10 +670,10 @@ class PackCommitter:
             if child.tree_id is None:
                 folder.put(name, FOLDER_MODE, self._store(child, planned, seen))
         chunks = list(folder.chunks)
-        size = sum(map(len, chunks))
+        size = sum(map(folder.length, chunks))
         sha = hashlib.sha1(b"tree %d\0" % size)
-        for chunk in chunks:
-            sha.update(chunk)
+        for piece in folder.pieces(chunks):
+            sha.update(piece)
         folder.tree_id = oid = sha.digest()
         if oid not in seen:
             seen.add(oid)
@@ -652,6 +731,9 @@ class PackCommitter:
             self._pack_written()
         self.tip = parent
         self._let_go(top)
+        if top.size() >= KEEP_LOADED:
+            top.spill_to(self._scratch())
+        self._compact()
         return made
 
     def _write(self, plan: Sequence[Blob | _Tree | tuple[bytes, bytes]]) -> None:
@@ -667,11 +749,11 @@ class PackCommitter:
                 elif isinstance(item, _Tree):
                     base = item.folder.written
                     if base is not None and item.size >= DELTA_FROM and base[2] < MAX_DEPTH:
-                        delta = tree_delta(base[1], item.chunks)
+                        delta = tree_delta(base[1], item.chunks, item.folder)
                         at = writer.add(item.oid, OBJ_OFS_DELTA, len(delta), [delta], 1, base_offset=base[0])
                         item.folder.written = (at, item.chunks, base[2] + 1)
                     else:
-                        at = writer.add(item.oid, OBJ_TREE, item.size, item.chunks, 1)
+                        at = writer.add(item.oid, OBJ_TREE, item.size, item.folder.pieces(item.chunks), 1)
                         item.folder.written = (at, item.chunks, 0)
                     written.append(item.folder)
                 else:
@@ -686,17 +768,43 @@ class PackCommitter:
                 folder.written = None  # the next pack cannot use this one's objects as bases
 
     def _let_go(self, folder: Folder) -> None:
-        """Forget small subfolders (read again when needed): memory stays with the big ones."""
+        """Forget small subfolders (read again when needed); the big ones stay, their chunks in
+        the scratch file."""
         for name, child in list(folder.children.items()):
             self._let_go(child)
-            if not child.children and child.size() < KEEP_LOADED:
-                del folder.children[name]
-                if child.tree_id is not None and child.tree_id not in self._let_go_recently:
-                    self._let_go_recently[child.tree_id] = child  # its objects are in a pack now
-                    self._let_go_bytes += child.size() + FOLDER_OVERHEAD
+            if child.children or child.size() >= KEEP_LOADED:
+                if child.size() >= KEEP_LOADED:
+                    child.spill_to(self._scratch())
+                continue
+            del folder.children[name]
+            if child.tree_id is not None and child.tree_id not in self._let_go_recently:
+                body = child.body()  # its objects are in a pack now
+                self._let_go_recently[child.tree_id] = body
+                self._let_go_bytes += len(body) + LET_GO_OVERHEAD
         while self._let_go_bytes > LET_GO_KEPT and self._let_go_recently:
             _oid, old = self._let_go_recently.popitem(last=False)
-            self._let_go_bytes -= old.size() + FOLDER_OVERHEAD
+            self._let_go_bytes -= len(old) + LET_GO_OVERHEAD
+
+    def _scratch(self) -> Spill:
+        if self._spill is None:
+            self._spill = Spill(self.pack_dir.parent)
+        return self._spill
+
+    def _compact(self) -> None:
+        """Rewrite the scratch file with only its live chunks once it is mostly garbage (each
+        call appends the chunks it changed): it stays within twice the big folders' size."""
+        old = self._spill
+        if old is None or old.end <= 2 * old.live + SPILL_SLACK:
+            return
+        new = Spill(self.pack_dir.parent)
+        todo = [self._top] if self._top is not None else []
+        while todo:
+            folder = todo.pop()
+            if folder.spill is old:
+                folder.spill_to(new)
+            todo.extend(folder.children.values())
+        self._spill = new
+        old.close()
 
 
 def _read_checked(blob: Blob) -> Iterator[bytes]:

@@ -35,9 +35,16 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(gitpack, "MAX_DEPTH", 3)
 
 
-async def test_trees_are_the_ones_git_makes_and_the_repository_is_sound(repo, tmp_path, small_chunks):
+@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
+async def test_trees_are_the_ones_git_makes_and_the_repository_is_sound(repo, tmp_path, small_chunks, spilled,
+                                                                          monkeypatch):
     # A folder git made (one entry per paper), then ours inserted among them in random order,
     # over several calls of several batches: the same tree ids as git's own, and fsck is clean.
+    # Spilled: every folder kept between calls keeps its chunks in the scratch file, which is
+    # rewritten after every call (deltas then copy from chunks read back from it).
+    if spilled:
+        monkeypatch.setattr(gitpack, "KEEP_LOADED", 200)
+        monkeypatch.setattr(gitpack, "SPILL_SLACK", -1)
     rng = random.Random(7)
     existing = {f"figures/papers/P{i:04d}/f{i}.png": b"old %d" % i for i in range(0, 400, 3)}
     # Files named like a folder plus a suffix: git sorts "P0010.txt" before the folder "P0010".
@@ -70,6 +77,11 @@ async def test_trees_are_the_ones_git_makes_and_the_repository_is_sound(repo, tm
         assert refused == {} and len(made) == 3
         git(repo, "update-ref", "refs/heads/main", made[-1], tip)
         added.update(known)
+        assert (packer._spill is not None) == spilled
+        if spilled:  # rewritten just now: only the live chunks are left in it
+            big = packer._top.children[b"figures"].children[b"papers"]
+            assert big.spill is packer._spill
+            assert packer._spill.end == packer._spill.live >= big.size()
     packer.close()
     git(repo, "add", "figures")  # the checkout's index (GitRepo syncs it; here git does)
     assert git(repo, "rev-parse", "HEAD^{tree}") == git_tree_for(repo, base, added, tmp_path)
