@@ -39,6 +39,16 @@ def _cells(label: str, r: dict[str, Any]) -> list[str]:
             f"{r['cpu_machine_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['requests_at_simulator']:,}"]
 
 
+def _parts(m: dict[str, Any]) -> str:
+    """Who held what at each size's peak: `; at the peak, job/commit worker/object reader/git MB`."""
+    said = []
+    for size in ("small", "large"):
+        parts = m[size].get("tree_parts_at_peak_mb") or {}
+        if parts:
+            said.append(" + ".join(f"{k} {v:.0f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+    return f"; at the peaks: {' | '.join(said)}" if said else ""
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     s = results["scenarios"]
     out = []
@@ -54,7 +64,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": m["rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
         out.append({"name": "flat memory, children included", "target": "peak RSS of the job and its children, large <= 1.2 x small",
                     "measured": f"{m['large']['peak_tree_rss_mb']:.0f} / {m['small']['peak_tree_rss_mb']:.0f} MB "
-                                f"= {m['tree_rss_ratio']:.2f} x ({m['large']['attempted']:,} vs {m['small']['attempted']:,} rows fetched)",
+                                f"= {m['tree_rss_ratio']:.2f} x ({m['large']['attempted']:,} vs {m['small']['attempted']:,} rows fetched)"
+                                + _parts(m),
                     "met": m["tree_rss_ratio"] <= 1.2 and not m["large"]["stopped_at_deadline"]})
     if "polite" in s:
         p = s["polite"]

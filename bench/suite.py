@@ -176,10 +176,20 @@ def watch(pid: int) -> dict[str, float] | None:
             "cpu_self_sys_s": int(stat[12]) / tick, "cpu_children_s": (int(stat[13]) + int(stat[14])) / tick}
 
 
-def tree_rss_kb(root_pid: int) -> int:
+def _role(cmdline: bytes, root: bool) -> str:
+    if root:
+        return "job"
+    if b"crawler.gitpack" in cmdline:
+        return "commit worker"
+    if b"cat-file" in cmdline:
+        return "object reader"
+    return "git" if cmdline.split(b"\0", 1)[0].rsplit(b"/", 1)[-1] == b"git" else "other"
+
+
+def tree_rss_kb(root_pid: int) -> tuple[int, dict[str, int]]:
     """RSS of a process and every process below it (the commit worker, its `git cat-file`, git
-    commands), summed: the job's whole footprint. Its children run in sessions of their own, so
-    this follows parent links rather than a process group."""
+    commands), summed: the job's whole footprint, and its parts by role. Its children run in
+    sessions of their own, so this follows parent links rather than a process group."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
     cmdlines: dict[int, bytes] = {}
@@ -195,6 +205,7 @@ def tree_rss_kb(root_pid: int) -> int:
         parents[int(entry)] = int(stat[1])
         rss[int(entry)] = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     total, todo = 0, [root_pid]
+    parts: dict[str, int] = {}
     while todo:
         pid = todo.pop()
         # A child caught between fork and exec still runs its parent's program on its parent's
@@ -202,8 +213,10 @@ def tree_rss_kb(root_pid: int) -> int:
         # the parent twice. Such a child has its parent's command line.
         if pid == root_pid or cmdlines.get(pid) != cmdlines.get(parents.get(pid, -1)):
             total += rss.get(pid, 0)
+            role = _role(cmdlines.get(pid, b""), pid == root_pid)
+            parts[role] = parts.get(role, 0) + rss.get(pid, 0)
         todo += [child for child, parent in parents.items() if parent == pid]
-    return total
+    return total, parts
 
 
 def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: float, reports: Path | None,
@@ -223,12 +236,18 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
         seen: dict[str, float] | None = None
         curve: list[list[float]] = []
         tree_peak = 0
+        parts_at_peak: dict[str, int] = {}
+        role_peaks: dict[str, int] = {}
         next_tree = started
         while proc.poll() is None:
             seen = watch(proc.pid) or seen
             now = time.monotonic()
             if now >= next_tree:  # the whole tree twice a second: reading all of /proc costs
-                tree_peak = max(tree_peak, tree_rss_kb(proc.pid))
+                total, parts = tree_rss_kb(proc.pid)
+                if total > tree_peak:
+                    tree_peak, parts_at_peak = total, parts
+                for role, kb in parts.items():
+                    role_peaks[role] = max(role_peaks.get(role, 0), kb)
                 next_tree = now + 0.5
             if now >= deadline and not stopped:
                 print(f"  {label}: deadline of {timeout_s:.0f} s reached, stopping it (SIGTERM)", flush=True)
@@ -251,8 +270,10 @@ def run_measured(cmd: list[str], stats_file: Path, log_file: Path, timeout_s: fl
     if not stats_file.exists():  # killed after the deadline's grace: the last look from outside
         print(f"  {label}: killed; its figures are the last ones read from /proc; see {log_file}", flush=True)
         last = seen or {"peak_rss_kb": 0, "cpu_self_s": 0.0, "cpu_self_sys_s": 0.0, "cpu_children_s": 0.0}
-        return {"exit": proc.returncode, **last, "rss_curve": curve, "peak_tree_rss_kb": tree_peak}, wall, stopped
-    return {**json.loads(stats_file.read_text()), "rss_curve": curve, "peak_tree_rss_kb": tree_peak}, wall, stopped
+        return {"exit": proc.returncode, **last, "rss_curve": curve, "peak_tree_rss_kb": tree_peak,
+                "tree_parts_at_peak_kb": parts_at_peak, "role_peaks_kb": role_peaks}, wall, stopped
+    return {**json.loads(stats_file.read_text()), "rss_curve": curve, "peak_tree_rss_kb": tree_peak,
+            "tree_parts_at_peak_kb": parts_at_peak, "role_peaks_kb": role_peaks}, wall, stopped
 
 
 def phases(reports: Path) -> dict[str, float | None]:
@@ -342,6 +363,9 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         "cpu_simulator_s": sim_stats["cpu_s"], "cpu_postgres_s": round(pg_cpu, 1), "cpu_machine_s": round(busy, 1),
         "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "rss_curve": stats.get("rss_curve", []),
         "peak_tree_rss_mb": round(stats.get("peak_tree_rss_kb", 0) / 1024, 1),
+        # Which process held what when the whole tree peaked, and each role's own peak (MB).
+        "tree_parts_at_peak_mb": {k: round(v / 1024, 1) for k, v in stats.get("tree_parts_at_peak_kb", {}).items()},
+        "role_peaks_mb": {k: round(v / 1024, 1) for k, v in stats.get("role_peaks_kb", {}).items()},
         "outcomes": {k: summary.get(k, 0) for k in ("fetched", "hard_404", "transient", "failed")},
         # The figure job's processes and their children (commit worker, git), from the summary:
         # with --workers the job runs in children of the measured process.
