@@ -129,10 +129,15 @@ class Budget:
         self.stats = BudgetStats()
         self.consecutive_refusals = 0  # 403/429 in a row, for the breaker
         self.timeline: Timeline | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @staticmethod
-    def _now() -> float:
-        return asyncio.get_running_loop().time()
+    def _now(self) -> float:
+        # The loop, found once (as aiolimiter does): asking for the running loop costs a getpid()
+        # system call on Python 3.11, and a row reads this clock several times.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
 
     @property
     def paused_for_s(self) -> float:

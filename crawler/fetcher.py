@@ -158,11 +158,12 @@ class Fetcher:
         """Hosts whose HEAD 404s turned out false this run."""
         return sorted(h for h, t in self.head_trust.items() if t.lying)
 
-    async def fetch(self, url: str, temp_dir: Path, stem: str) -> FetchResult:
-        """Try `url` once (with its bounded retries); never raises for network or HTTP trouble."""
+    async def fetch(self, url: str, temp_dir: Path, stem: str, parsed: URL | None = None) -> FetchResult:
+        """Try `url` once (with its bounded retries); never raises for network or HTTP trouble.
+        `parsed`: the caller's URL(url) already, so a row's URL is parsed once."""
         state = FetchResult("failed", url)
         try:
-            target = self._parse(url)
+            target = self._parse(url, parsed)
             if self._trust(target.host or "").lying:
                 get_from, confirming = target, None
             else:
@@ -181,9 +182,9 @@ class Fetcher:
         return trust
 
     # -- steps ------------------------------------------------------------------------------------
-    def _parse(self, url: str) -> URL:
+    def _parse(self, url: str, parsed: URL | None = None) -> URL:
         try:
-            u = URL(url) if isinstance(url, str) else None
+            u = parsed if parsed is not None else URL(url) if isinstance(url, str) else None
         except (ValueError, TypeError):
             u = None
         if u is None or u.scheme not in ("http", "https") or not u.host or u.port is None:

@@ -46,6 +46,8 @@ def _machine() -> str:
 
 
 _MACHINE = _machine()
+_PID = [os.getpid()]  # in every .part name: asked once (getpid is a system call), again after a fork
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 STALE_PART_AGE_S = 86400  # another machine's leftover is removed once this old
 # Placing files gets threads of its own: never queued behind other blocking work (hashing, git
 # reads), and no more of them than cores, as creating files in one folder serialises in the
@@ -62,7 +64,7 @@ class TempFile:
 
     def __init__(self, directory: Path, stem: str, buffer_bytes: int = 0) -> None:
         self.directory = directory
-        self.name = f"{PART_PREFIX}{stem}@{_MACHINE}@{os.getpid()}@{next(_PART_IDS)}{PART_SUFFIX}"
+        self.name = f"{PART_PREFIX}{stem}@{_MACHINE}@{_PID[0]}@{next(_PART_IDS)}{PART_SUFFIX}"
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.buffer_bytes = buffer_bytes

@@ -190,7 +190,9 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     if fatal:
         out["fatal"] = "; ".join(dict.fromkeys(fatal))
     out["timeline"] = merge_timelines([s.get("timeline") or {} for s in summaries])
-    out["cpu_s"] = {k: round(sum((s.get("cpu_s") or {}).get(k, 0.0) for s in summaries), 3) for k in ("self", "children")}
+    out["cpu_s"] = {k: round(sum((s.get("cpu_s") or {}).get(k, 0.0) for s in summaries), 3)
+                    for k in ("self", "children", "system", "main_thread")
+                    if k in ("self", "children") or all(k in (s.get("cpu_s") or {}) for s in summaries)}
     return out
 
 

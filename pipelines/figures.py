@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -553,7 +554,8 @@ class FigureJob:
 
     async def _handle(self, row: dict[str, Any]) -> None:
         url = row["image_url"]
-        host = host_of(url)
+        parsed = parse_url(url)  # once a row: the fetcher takes it as it is
+        host = (parsed.host or UNPARSEABLE).lower() if parsed is not None else UNPARSEABLE
         candidates = row["candidates"]
         if candidates is None:
             if isinstance(row["path_error"], BaseException):
@@ -570,7 +572,7 @@ class FigureJob:
             self._record(row["id"], host, FetchResult("failed", str(url), "bad_url"))
             return
         temp_dir = (self.root / candidates[".png"]).parent
-        result = await self.fetcher.fetch(url, temp_dir, paths.safe_segment(row["id"]))
+        result = await self.fetcher.fetch(url, temp_dir, paths.safe_segment(row["id"]), parsed)
         if result.outcome == "deferred":  # never asked: the row stays as it was for a later run
             self.tally.counts["deferred"] += 1
             log.info("row.deferred", artifact_id=row["id"], host=host, budget_paused_s=round(result.retry_in_s or 0))
@@ -758,8 +760,19 @@ def _stop_queue(queue: asyncio.Queue[Any], workers: int) -> None:
 
 
 def _cpu_s() -> dict[str, float]:
+    """CPU seconds of this process (all its threads) and of its children; where the system tells,
+    also the event loop's thread alone (`main_thread`: HTTP, hashing, bookkeeping) and the
+    kernel's share of the process (`system`: files created, sockets, thread hand-offs)."""
     t = os.times()
-    return {"self": round(t.user + t.system, 3), "children": round(t.children_user + t.children_system, 3)}
+    out = {"self": round(t.user + t.system, 3), "children": round(t.children_user + t.children_system, 3),
+           "system": round(t.system, 3)}
+    try:
+        with open(f"/proc/self/task/{threading.main_thread().native_id}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        out["main_thread"] = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux
+    return out
 
 
 def _local_reason(exc: BaseException) -> str:
@@ -769,8 +782,9 @@ def _local_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__} (on this machine; the rows were left as they were)"
 
 
-def host_of(url: Any) -> str:
+def parse_url(url: Any) -> URL | None:
+    """The row's URL parsed, or None when it is not text or yarl refuses it."""
     try:
-        return (URL(url).host or UNPARSEABLE).lower() if isinstance(url, str) else UNPARSEABLE
+        return URL(url) if isinstance(url, str) else None
     except (ValueError, TypeError):
-        return UNPARSEABLE
+        return None
