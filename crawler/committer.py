@@ -14,6 +14,7 @@ without another download.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class PlacedFile:
 
 class Committer:
     def __init__(self, repo: GitRepo, sink: Sink, batch: int, interval_s: float, run_id: str,
-                 stamp: Callable[[PlacedFile, str], Change], what: str = "files", max_pending: int = 0, durable: bool = True) -> None:
+                 stamp: Callable[[PlacedFile, str], Change], what: str = "files", max_pending: int = 0, durable: bool = True,
+                 keep_bytes: int = 2 << 20) -> None:
         self._repo = repo
         self._sink = sink
         self._batch = batch
@@ -76,6 +78,12 @@ class Committer:
         self._durable = durable
         self._max_pending = max(max_pending, batch)
         self._pending: list[PlacedFile] = []
+        # Bytes of bodies riding along to their commit (PlacedFile.data), at most: beyond, a file
+        # goes without and the commit reads it back from disk (checked against its sha256). When
+        # commits lag (a big repository) the backlog grows to max_pending files; their bodies
+        # must not make the job's memory grow with it.
+        self._keep_max = keep_bytes
+        self._kept = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self._lock = asyncio.Lock()
@@ -93,6 +101,11 @@ class Committer:
     async def add(self, placed: PlacedFile) -> None:
         """Register a placed file, then wait while the backlog is full. The file is registered
         before the wait, so a caller cancelled while waiting loses nothing."""
+        if placed.data is not None:
+            if self._kept + len(placed.data) > self._keep_max:
+                placed = dataclasses.replace(placed, data=None)
+            else:
+                self._kept += len(placed.data)
         self._pending.append(placed)
         if len(self._pending) >= self._batch:
             self._wake.set()
@@ -140,7 +153,10 @@ class Committer:
                     group.append(batch)
                 if not group:
                     break
-                await self._commit(group)
+                try:
+                    await self._commit(group)
+                finally:
+                    self._kept -= sum(len(p.data) for batch in group for p in batch if p.data is not None)
                 await self._made_room()
 
     async def _commit(self, group: list[list[PlacedFile]]) -> None:

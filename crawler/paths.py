@@ -132,10 +132,11 @@ def contain_all(root: Path, relatives: list[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _parent_inside(root: str, parent: str) -> bool:
-    """Whether root/parent resolves inside root. Cached: rows share directories, and resolving
-    costs a system call per path component. (A link planted mid-run is caught by the rename,
+    """Whether root/parent resolves inside root. Cached: rows share directories (a paper's
+    figures come one after the other), and resolving costs a system call per path component;
+    a small cache, as a million rows fill any size and its entries (~330 B) are memory that grows. (A link planted mid-run is caught by the rename,
     which never follows a link out of an existing directory it did not resolve.)"""
     real_root = os.path.realpath(root)
     real_parent = os.path.realpath(os.path.join(real_root, parent))

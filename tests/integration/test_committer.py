@@ -121,6 +121,42 @@ async def test_files_and_commit_reach_the_disk_after_the_commit_and_before_the_s
     assert stamped == 3
 
 
+async def test_bodies_ride_along_to_the_commit_only_up_to_keep_bytes(repo, dsn):
+    """A lagging commit lets the backlog grow to max_pending files; only `keep_bytes` of their
+    bodies stay in memory, the others are read back from disk (and checked) by the commit."""
+    from dataclasses import replace
+
+    class Recording(GitRepo):
+        known_paths: list[set[str]] = []
+
+        async def commit_batches(self, batches, known=None, expected=None):  # type: ignore[no-untyped-def]
+            self.known_paths.append(set(known or {}))
+            return await super().commit_batches(batches, known, expected)
+
+    await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(6)])
+    db = await open_db(dsn)
+    sink = Sink(db, "run-1", 100, 60)
+    recording = Recording(repo, 60, "crawler", "c@c")
+    committer = Committer(recording, sink, batch=3, interval_s=3600, run_id="run-1", stamp=stamp, keep_bytes=12)
+    try:
+        for round_ in range(2):  # the bytes kept are given back once their commit is done
+            for n in range(3 * round_, 3 * round_ + 3):
+                p = placed(repo, n)  # 5 bytes each: two fit in 12
+                await committer.add(replace(p, data=(repo / p.rel_path).read_bytes()))
+            await committer.commit_pending(everything=True)
+            assert committer._kept == 0
+        await committer.close()
+        await sink.close()
+        stamped = await db._pool.fetchval("select count(*) from artifacts where metadata ? 'file_commit'")
+    finally:
+        await db.close()
+    assert Recording.known_paths == [{"figures/f0.png", "figures/f1.png"}, {"figures/f3.png", "figures/f4.png"}]
+    assert stamped == 6
+    for n in range(6):  # kept or read back, each committed with its own bytes
+        body = b"\x89PNG" + bytes([n])
+        assert git(repo, "rev-parse", f"HEAD:figures/f{n}.png") == hashlib.sha1(b"blob 5\0" + body).hexdigest()
+
+
 async def test_a_file_gone_before_its_commit_is_not_stamped_and_its_batch_mates_are(repo, dsn):
     await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(3)])
     db = await open_db(dsn)
