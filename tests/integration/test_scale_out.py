@@ -86,6 +86,20 @@ async def _assert_all_done(dsn: str, repo: Path, n: int) -> None:
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == "", "the checkout's index agrees"
 
 
+async def _three_budgets(dsn: str, sim, repo: Path, tmp_path: Path, delay_s: float, lease_s: float
+                         ) -> tuple[list[tuple[str, dict, None]], Path]:
+    """240 rows over the europepmc and pmc budgets and two default hosts, each budget 2 in flight
+    and 20 starts a second: enough for two workers to both be serving for a while."""
+    rows = _routes(sim, NAMED + OTHERS + ("www.ncbi.nlm.nih.gov", "pmc.ncbi.nlm.nih.gov"), 240, delay_s=delay_s)
+    await insert_figures(dsn, rows)
+    config = _config(tmp_path, dsn, repo, sim.port,
+                     budgets={"europepmc": {"max_inflight": 2, "rate_per_s": 20.0},
+                              "pmc": {"max_inflight": 2, "rate_per_s": 20.0},
+                              "default": {"max_inflight": 2, "rate_per_s": 20.0}},
+                     run={"lease_s": lease_s})
+    return rows, config
+
+
 async def test_two_runs_started_together_request_each_url_once(dsn, sim, repo, tmp_path):
     """A cron overlap: two `crawler figures` on one table at the same moment. Each budget is
     served by one of them at a time, so no URL gets a second HEAD or GET, and the europepmc
@@ -151,13 +165,7 @@ async def test_a_killed_worker_has_its_budgets_taken_over(dsn, sim, repo, tmp_pa
     """SIGKILL one of two workers mid-run: its leases run out after run.lease_s, the other takes
     its budgets over, and the run finishes with every row right, every file committed and
     stamped. Only what the killed worker had in flight can have been asked twice."""
-    rows = _routes(sim, NAMED + OTHERS + ("www.ncbi.nlm.nih.gov", "pmc.ncbi.nlm.nih.gov"), 240, delay_s=0.01)
-    await insert_figures(dsn, rows)
-    config = _config(tmp_path, dsn, repo, sim.port,
-                     budgets={"europepmc": {"max_inflight": 2, "rate_per_s": 20.0},
-                              "pmc": {"max_inflight": 2, "rate_per_s": 20.0},
-                              "default": {"max_inflight": 2, "rate_per_s": 20.0}},
-                     run={"lease_s": 2.0})
+    rows, config = await _three_budgets(dsn, sim, repo, tmp_path, delay_s=0.01, lease_s=2.0)
     proc = await _start(config, "--workers", "2")
     waiting = asyncio.ensure_future(proc.communicate())
     admin = await asyncpg.connect(dsn)
@@ -197,3 +205,39 @@ async def test_workers_must_be_a_count(tmp_path, value):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _out, err = await proc.communicate()
     assert proc.returncode == 2 and b"--workers" in err
+
+
+async def test_a_stop_reaches_every_worker_and_a_rerun_finishes_the_rest(dsn, sim, repo, tmp_path):
+    """SIGTERM to the parent of `--workers 2` while both serve: it passes the stop on, each
+    worker finishes what it has in flight and commits it, the run exits 130 and leaves no
+    process behind; the next run does the rest, and no URL is asked twice over the two."""
+    rows, config = await _three_budgets(dsn, sim, repo, tmp_path, delay_s=0.02, lease_s=10.0)
+    proc = await _start(config, "--workers", "2")
+    waiting = asyncio.ensure_future(proc.communicate())
+    admin = await asyncpg.connect(dsn)
+    pids: set[int] = set()
+    try:
+        for _ in range(2_000):  # bounded: until both workers hold leases and requests are flowing
+            if len(sim.log) >= 20:  # (the lease tables exist by then)
+                pids = {r["pid"] for r in await admin.fetch(
+                    "select h.pid from artifact_recovery.leases l join artifact_recovery.lease_holders h "
+                    "on h.holder = l.holder where l.expires_at > now()")}
+                if len(pids) == 2:
+                    break
+            done, _ = await asyncio.wait([waiting], timeout=0.05)
+            assert not done, "the run ended before both workers served"
+        assert len(pids) == 2, "the two workers never both held a lease"
+        proc.send_signal(signal.SIGTERM)
+        _out, err = await waiting
+    finally:
+        await admin.close()
+    assert proc.returncode == 130, err.decode()[-3000:]
+    for pid in pids:  # the stop reached them: each one is gone, none left running on its own
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len({(r.host, r.path) for r in sim.log if r.method == "HEAD"}) < len(rows), "stopped before the end"
+    rerun = await _start(config)
+    _out, err = await rerun.communicate()
+    assert rerun.returncode == 0, err.decode()[-3000:]
+    _assert_each_url_once(sim, rows)
+    await _assert_all_done(dsn, repo, len(rows))
