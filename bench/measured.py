@@ -11,6 +11,7 @@ it, and a forked child's peak is the parent's size at the fork, so it says nothi
 from __future__ import annotations
 
 import json
+import os
 import resource
 import runpy
 import sys
@@ -25,7 +26,20 @@ def vm_hwm_kb() -> int:
     return -1
 
 
+def use_event_loop(name: str) -> None:
+    """`BENCH_EVENT_LOOP=uvloop`: the module's asyncio.run() gets uvloop's loop (the `bench`
+    extra), for the loop scenario's comparison; the tool itself always runs on asyncio's own."""
+    if name == "uvloop":
+        import asyncio
+
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif name not in ("", "asyncio"):
+        raise SystemExit(f"BENCH_EVENT_LOOP={name!r}: asyncio or uvloop")
+
+
 def main() -> int:
+    use_event_loop(os.environ.get("BENCH_EVENT_LOOP", ""))
     stats_file, module, *args = sys.argv[1:]
     sys.argv = [module, *args]
     started = time.monotonic()

@@ -370,6 +370,9 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         # The figure job's processes and their children (commit worker, git), from the summary:
         # with --workers the job runs in children of the measured process.
         "cpu_job_s": (summary.get("cpu_s") or {}).get("self"), "cpu_job_children_s": (summary.get("cpu_s") or {}).get("children"),
+        # Of the job's own: the kernel's share, and the event loop's thread alone (not its file-placing threads).
+        "cpu_job_system_s": (summary.get("cpu_s") or {}).get("system"),
+        "cpu_job_main_thread_s": (summary.get("cpu_s") or {}).get("main_thread"),
         "requests_at_simulator": sim_stats["requests"], "verified": verified, "simulator": sim_stats,
     }
     asyncio.run(workload.drop_database(admin_dsn, f"bench_{name}"))
@@ -429,6 +432,8 @@ def workers_job(admin_dsn: str, rows: int, settings: Settings) -> dict[str, Any]
         done = max(r["done"], 1)
         r["cpu_ms_per_row"] = {
             "job": round(1000 * (r["cpu_job_s"] or 0) / done, 3),
+            "job_system": round(1000 * (r["cpu_job_system_s"] or 0) / done, 3),
+            "job_event_loop_thread": round(1000 * (r["cpu_job_main_thread_s"] or 0) / done, 3),
             "commit_worker_and_git": round(1000 * (r["cpu_job_children_s"] or 0) / done, 3),
             "postgres": round(1000 * r["cpu_postgres_s"] / done, 3),
             "simulator": round(1000 * r["cpu_simulator_s"] / done, 3),
@@ -452,16 +457,16 @@ def workers_job(admin_dsn: str, rows: int, settings: Settings) -> dict[str, Any]
 
 
 def loop_job(admin_dsn: str, rows: int, settings: Settings, rounds: int = 2) -> dict[str, Any]:
-    """The lifted workload on asyncio's own event loop and on uvloop (CRAWLER_EVENT_LOOP=uvloop,
-    for this comparison only: see crawler/cli.py), alternately: job CPU per row and rows/s, medians."""
+    """The lifted workload on asyncio's own event loop and on uvloop (BENCH_EVENT_LOOP=uvloop,
+    for this comparison only: see bench/measured.py), alternately: job CPU per row and rows/s, medians."""
     runs: dict[str, list[dict[str, Any]]] = {"asyncio": [], "uvloop": []}
     for n in range(rounds):
         for loop in ("asyncio", "uvloop"):
-            os.environ["CRAWLER_EVENT_LOOP"] = loop
+            os.environ["BENCH_EVENT_LOOP"] = loop
             try:
                 r = lifted_job(admin_dsn, f"loop-{loop}-{n}", rows, settings)
             finally:
-                os.environ.pop("CRAWLER_EVENT_LOOP", None)
+                os.environ.pop("BENCH_EVENT_LOOP", None)
             r["cpu_ms_per_row"] = round(1000 * (r["cpu_job_s"] or r["cpu_crawler_s"]) / max(r["done"], 1), 3)
             runs[loop].append(r)
     out: dict[str, Any] = {"rows": rows, "runs": {k: [{"rows_per_s": r["rows_per_s"], "cpu_ms_per_row": r["cpu_ms_per_row"]}

@@ -214,19 +214,11 @@ async def run_commands(cfg: Config, command: str, args: argparse.Namespace) -> i
 
 
 def _run_loop(main: Any) -> Any:
-    """The jobs' event loop: asyncio's own. CRAWLER_EVENT_LOOP=uvloop (when installed) is for the
-    bench only: it cut the figure job's CPU per row by 14 %, but libuv reads its clock once per
-    loop iteration, in whole milliseconds, and fires timers against that reading, so a budget's
-    starts could come closer together than its rate allows by up to an iteration's length (the
-    bench's politeness check saw 0.992 x 1/rate at the server on a busy machine)."""
-    if os.environ.get("CRAWLER_EVENT_LOOP", "") == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(main)
+    """The jobs' event loop: asyncio's own. uvloop cut the figure job's CPU per row by 14 % in
+    the bench, but libuv reads its clock once per loop iteration, in whole milliseconds, and
+    fires timers against that reading, so a budget's starts could come closer together than its
+    rate allows by up to an iteration's length (the bench's politeness check saw 0.992 x 1/rate
+    at the server on a busy machine). The bench can still run a job on it (bench/measured.py)."""
     return asyncio.run(main)
 
 
