@@ -623,6 +623,10 @@ class PackCommitter:
 
     def _start_from(self, tip: str | None) -> Folder:
         if self._top is None or self.tip != tip:
+            # The branch moved (another process, a user): the folders are read again, and the
+            # scratch file's chunks are all the old tree's. Dropped with it, or it would grow by
+            # a big folder every call while counting them live (nothing would rewrite it).
+            self.forget()
             if tip is None:
                 self._top = Folder()
             else:

@@ -286,3 +286,24 @@ def test_a_small_folder_let_go_is_taken_back_without_asking_git(repo, monkeypatc
     assert len(reads) == 2 + 4
     assert git(repo, "ls-tree", "-r", "--name-only", "HEAD:figures/p0").split() == ["f0.png", "f3.png", "f6.png"]
     assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_the_scratch_file_starts_afresh_when_someone_else_moved_the_branch(repo, monkeypatch):
+    """With --workers, or a user's commit, the branch moves between our calls and the folders are
+    read again. The old tree's spilled chunks go with it: the scratch file holds one tree's
+    worth, not one more big folder every call."""
+    monkeypatch.setattr(gitpack, "KEEP_LOADED", 200)
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    sizes = []
+    for i in range(12):
+        tip = git(repo, "rev-parse", "HEAD")
+        batch = [(f"figures/p{k:03d}/f{i}.png", b"%d-%d" % (i, k), None) for k in range(40)]
+        made, refused, _ = gitpack.work(packer, tip, [(batch, f"ours {i}")])
+        assert refused == {}
+        git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+        # someone else commits on top: our next call starts from a tip we did not make
+        git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", f"theirs {i}")
+        sizes.append(packer._spill.end)
+    packer.close()
+    assert max(sizes) < 3 * sizes[1], sizes  # the folder grows 40 entries a call; the file does not pile up
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
