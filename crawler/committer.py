@@ -166,9 +166,11 @@ class Committer:
         files_in = sum(len(batch) for batch in group)
         t0 = time.monotonic()
         try:
-            known = {p.rel_path: p.data for batch in group for p in batch if p.data is not None}
-            # Read back from disk, a file must still be the content its row will be stamped with.
-            expected = {p.rel_path: p.sha256 for batch in group for p in batch if p.data is None and p.sha256}
+            # A path placed twice (two rows sharing it) holds what was placed last: its bytes, or
+            # read back from disk, which must still be the content its row will be stamped with.
+            last = {p.rel_path: p for batch in group for p in batch}
+            known = {path: p.data for path, p in last.items() if p.data is not None}
+            expected = {path: p.sha256 for path, p in last.items() if p.data is None and p.sha256}
             self._repo.index_s = 0.0
             commits = await self._repo.commit_batches(list(zip(batches, messages)), known, expected)
             t1 = time.monotonic()

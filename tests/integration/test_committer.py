@@ -157,6 +157,30 @@ async def test_bodies_ride_along_to_the_commit_only_up_to_keep_bytes(repo, dsn):
         assert git(repo, "rev-parse", f"HEAD:figures/f{n}.png") == hashlib.sha1(b"blob 5\0" + body).hexdigest()
 
 
+async def test_a_path_placed_twice_is_committed_with_what_was_placed_last(repo, dsn):
+    """Two rows sharing a path: the first one's body rides along, the second overwrites the file
+    after the kept bytes ran out. The commit holds the second one's bytes, as the disk does."""
+    await insert(dsn, [("fig-a", "paper_figure", None, {"image_url": "http://x/a"}),
+                       ("fig-b", "paper_figure", None, {"image_url": "http://x/b"})])
+    db = await open_db(dsn)
+    sink = Sink(db, "run-1", 100, 60)
+    committer = Committer(GitRepo(repo, 60, "crawler", "c@c"), sink, batch=3, interval_s=3600, run_id="run-1",
+                          stamp=stamp, keep_bytes=5)
+    rel = "figures/shared.png"
+    (repo / "figures").mkdir(exist_ok=True)
+    try:
+        for rid, body in (("fig-a", b"\x89PNGa"), ("fig-b", b"\x89PNGb")):
+            (repo / rel).write_bytes(body)
+            await committer.add(PlacedFile(rid, rel, hashlib.sha256(body).hexdigest(), 5, "image/png", utcnow(),
+                                           f"http://x/{rid}", data=body))
+        assert [p.data is not None for p in committer._pending] == [True, False]  # the second: over keep_bytes
+        await committer.close()
+        await sink.close()
+    finally:
+        await db.close()
+    assert git(repo, "rev-parse", f"HEAD:{rel}") == hashlib.sha1(b"blob 5\0\x89PNGb").hexdigest()
+
+
 async def test_a_file_gone_before_its_commit_is_not_stamped_and_its_batch_mates_are(repo, dsn):
     await insert(dsn, [(f"fig-{n}", "paper_figure", None, {"image_url": f"http://x/{n}"}) for n in range(3)])
     db = await open_db(dsn)
