@@ -185,9 +185,11 @@ class Fetcher:
     def _parse(self, url: str, parsed: URL | None = None) -> URL:
         try:
             u = parsed if parsed is not None else URL(url) if isinstance(url, str) else None
+            # yarl parses some hosts it cannot decode (`xn--a.com`) and raises on `.host`
+            usable = u is not None and u.scheme in ("http", "https") and bool(u.host) and u.port is not None
         except (ValueError, TypeError):
-            u = None
-        if u is None or u.scheme not in ("http", "https") or not u.host or u.port is None:
+            usable = False
+        if not usable or u is None:
             raise _Done(FetchResult("failed", str(url), "bad_url"))
         try:
             self.resolver.check_literal(u.host, u.port)

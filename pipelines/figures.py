@@ -554,8 +554,7 @@ class FigureJob:
 
     async def _handle(self, row: dict[str, Any]) -> None:
         url = row["image_url"]
-        parsed = parse_url(url)  # once a row: the fetcher takes it as it is
-        host = (parsed.host or UNPARSEABLE).lower() if parsed is not None else UNPARSEABLE
+        parsed, host = parse_url(url)  # once a row: the fetcher takes it as it is
         candidates = row["candidates"]
         if candidates is None:
             if isinstance(row["path_error"], BaseException):
@@ -782,9 +781,11 @@ def _local_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__} (on this machine; the rows were left as they were)"
 
 
-def parse_url(url: Any) -> URL | None:
-    """The row's URL parsed, or None when it is not text or yarl refuses it."""
+def parse_url(url: Any) -> tuple[URL | None, str]:
+    """The row's URL parsed and its host, lower-cased; (None, UNPARSEABLE) when it is not text
+    or yarl refuses it (some hosts it parses but cannot decode: `.host` raises then)."""
     try:
-        return URL(url) if isinstance(url, str) else None
+        u = URL(url) if isinstance(url, str) else None
+        return (u, (u.host or UNPARSEABLE).lower()) if u is not None else (None, UNPARSEABLE)
     except (ValueError, TypeError):
-        return None
+        return None, UNPARSEABLE

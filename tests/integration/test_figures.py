@@ -49,6 +49,7 @@ async def test_each_outcome_is_written_as_the_contract_says(dsn, repo, sim, tmp_
         ("f-badurl", {"image_url": "not a url"}, None),
         ("f-ftp", {"image_url": "ftp://europepmc.org/x.png"}, None),
         ("f-numurl", {"image_url": 42}, None),
+        ("f-badhost", {"image_url": "http://xn--a.com/x.png"}, None),  # yarl parses it, then cannot decode its host
         ("f-private", {"image_url": "http://10.0.0.7/x.png"}, None),
         ("f-localhost", {"image_url": "http://localhost/x.png"}, None),
         ("f-garbage-meta", ["not", "an", "object"], None),
@@ -91,7 +92,7 @@ async def test_each_outcome_is_written_as_the_contract_says(dsn, repo, sim, tmp_
 
     # failed: for a human, never unavailable, nothing stored
     for rid, err in [("f-soft404", "not_an_image"), ("f-403", "http_403"), ("f-big", "too_large"),
-                     ("f-badurl", "bad_url"), ("f-ftp", "bad_url"), ("f-numurl", "bad_url"),
+                     ("f-badurl", "bad_url"), ("f-ftp", "bad_url"), ("f-numurl", "bad_url"), ("f-badhost", "bad_url"),
                      ("f-private", "blocked_address"), ("f-localhost", "blocked_address")]:
         m = meta[rid]
         assert (m["image_fetch_outcome"], m["image_last_error"]) == ("failed", err), rid
@@ -106,7 +107,7 @@ async def test_each_outcome_is_written_as_the_contract_says(dsn, repo, sim, tmp_
     assert meta["f-unavailable"] == {"image_url": url("europepmc.org", "/ok.png"), "image_unavailable": True}
 
     # the report counts it all
-    expected = {"attempted": 19, "fetched": 4, "hard_404": 3, "transient": 4, "failed": 8, "no_url": 3}
+    expected = {"attempted": 20, "fetched": 4, "hard_404": 3, "transient": 4, "failed": 9, "no_url": 3}
     assert {k: summary[k] for k in expected} == expected
     assert summary["bad_metadata"] == 1
     assert summary["per_host"]["europepmc.org"]["hard_404"] == 3
@@ -135,7 +136,7 @@ async def test_each_outcome_is_written_as_the_contract_says(dsn, repo, sim, tmp_
     assert again["attempted"] == 0
     # ... and with --retry-failed only the failed rows are tried again
     status, retried = await run_figures(cfg, retry_failed=True)
-    assert retried["attempted"] == 8 and retried["fetched"] == 0
+    assert retried["attempted"] == 9 and retried["fetched"] == 0
 
 
 async def test_transient_rows_are_retried_when_due(dsn, repo, sim, tmp_path):
