@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight-per-host", type=int, default=8)
     parser.add_argument("--plain", action="store_true",
                         help="no sampler: the job's user and system CPU per row, for before/after comparisons")
+    parser.add_argument("--calls", action="store_true",
+                        help="count calls per row (cProfile; slow) into bench/out/profile/calls.txt")
     parser.add_argument("--strace", action="store_true",
                         help="count the job's system calls (strace -c -f; slow) into bench/out/profile/syscalls.txt")
     args = parser.parse_args(argv)
@@ -90,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         (HOME / "config.toml").write_text(to_toml(tree))
         stacks = HOME / "stacks.txt"
         job = ["crawler", "figures", "--config", str(HOME / "config.toml")]
-        if args.strace:
+        if args.calls:
+            subprocess.run([PY, "-m", "cProfile", "-o", str(HOME / "calls.prof"), "-m", *job], cwd=REPO,
+                           check=False, stdout=subprocess.DEVNULL, timeout=3600)
+        elif args.strace:
             subprocess.run(["strace", "-f", "-c", "-o", str(HOME / "syscalls.txt"), PY, "-m", *job], cwd=REPO,
                            check=False, stdout=subprocess.DEVNULL, timeout=3600)
         elif args.plain:
@@ -110,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{job_ms / bare_ms:.2f} x")
     if args.strace:
         print((HOME / "syscalls.txt").read_text())
+        return 0
+    if args.calls:
+        import pstats
+        stats = pstats.Stats(str(HOME / "calls.prof"))
+        rows = max(summary["attempted"], 1)
+        top = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:args.top]  # by primitive calls
+        for (file, line, name), (_cc, nc, tt, ct, _callers) in top:
+            print(f"{nc / rows:8.2f} calls/row {1e6 * tt / rows:8.1f} us self/row  {name} ({Path(file).name}:{line})")
         return 0
     if args.plain:
         stats = json.loads((HOME / "stats.json").read_text())

@@ -225,6 +225,7 @@ class Budgets:
     on_resume: Callable[[Budget], None] | None = None
     max_wait_s: float = math.inf
     _named: dict[str, Budget] = field(default_factory=dict)
+    _of_host: dict[str, Budget] = field(default_factory=dict)  # for_host's answers: asked for every request
     timeline: Timeline = field(default_factory=Timeline)
 
     def name_for(self, host: str) -> str:
@@ -236,6 +237,9 @@ class Budgets:
         return f"default:{host}"
 
     def for_host(self, host: str) -> Budget:
+        known = self._of_host.get(host)
+        if known is not None:  # (matching a host against every budget's patterns costs more)
+            return known
         name = self.name_for(host)
         budget = self._named.get(name)
         if budget is None:
@@ -245,6 +249,7 @@ class Budgets:
                             self.max_wait_s)
             budget.timeline = self.timeline
             self._named[name] = budget
+        self._of_host[host] = budget
         return budget
 
     def all(self) -> list[Budget]:
