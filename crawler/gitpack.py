@@ -734,10 +734,15 @@ class PackCommitter:
             self._write(plan)
             self._pack_written()
         self.tip = parent
-        self._let_go(top)
-        if top.size() >= KEEP_LOADED:
-            top.spill_to(self._scratch())
-        self._compact()
+        try:
+            self._let_go(top)
+            if top.size() >= KEEP_LOADED:
+                top.spill_to(self._scratch())
+            self._compact()
+        except OSError:
+            # The scratch file cannot be written (a full disk): the commits are made and in
+            # their pack all the same; the folders are read again from git next call.
+            self.forget()
         return made
 
     def _write(self, plan: Sequence[Blob | _Tree | tuple[bytes, bytes]]) -> None:

@@ -307,3 +307,27 @@ def test_the_scratch_file_starts_afresh_when_someone_else_moved_the_branch(repo,
     packer.close()
     assert max(sizes) < 3 * sizes[1], sizes  # the folder grows 40 entries a call; the file does not pile up
     assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_a_scratch_file_that_cannot_be_written_costs_no_commit(repo, monkeypatch):
+    """A full disk while keeping the big folders between calls (after the pack is written): the
+    commits stand, and the next call reads the folders again from git."""
+    monkeypatch.setattr(gitpack, "KEEP_LOADED", 200)
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    real_put = gitpack.Spill.put
+
+    def full(self, chunk):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gitpack.Spill, "put", full)
+    tip = git(repo, "rev-parse", "HEAD")
+    made, refused, _ = gitpack.work(packer, tip, [([(f"figures/p{k:03d}/f.png", b"%d" % k, None) for k in range(40)],
+                                                   "while the disk is full")])
+    assert refused == {} and len(made) == 1
+    git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    monkeypatch.setattr(gitpack.Spill, "put", real_put)
+    made2, _, _ = gitpack.work(packer, made[-1], [([("figures/p000/g.png", b"g", None)], "after")])
+    git(repo, "update-ref", "refs/heads/main", made2[-1], made[-1])
+    packer.close()
+    assert len(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()) == 41
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
