@@ -56,7 +56,6 @@ def fill(root: Path, files: int) -> str:
                 blobs.append(gitpack.Blob(path, b"100644", hashlib.sha1(b"blob %d\0" % len(data) + data).digest(),
                                           len(data), data))
             tip = packer.commit(tip, [(blobs, "fill")])[-1]
-            packer._let_go(packer._top)  # as after each call of the job: small folders let go
     finally:
         packer.close()
     subprocess.run(["git", "update-ref", "refs/heads/main", tip], cwd=root, check=True)

@@ -92,6 +92,18 @@ def parse_retry_after(value: str | None, date_header: str | None, max_s: float =
     return min(max(0.0, delay), max_s)
 
 
+def parse_url(url: Any) -> URL | None:
+    """`url` parsed, or None when it is not text or yarl refuses it, its host included: yarl
+    parses some hosts it cannot decode (`http://xn--a.com/`) and raises on `.host` then."""
+    try:
+        u = URL(url) if isinstance(url, str) else None
+        if u is not None:
+            u.host  # noqa: B018 (decoded now, or refused here)
+        return u
+    except (ValueError, TypeError):
+        return None
+
+
 def blocked_by(link_header: str | None) -> str | None:
     """The target of a Link header's rel="blocked-by" entry (RFC 7725), or None. A plain split,
     linear in the header's length."""
@@ -183,13 +195,8 @@ class Fetcher:
 
     # -- steps ------------------------------------------------------------------------------------
     def _parse(self, url: str, parsed: URL | None = None) -> URL:
-        try:
-            u = parsed if parsed is not None else URL(url) if isinstance(url, str) else None
-            # yarl parses some hosts it cannot decode (`xn--a.com`) and raises on `.host`
-            usable = u is not None and u.scheme in ("http", "https") and bool(u.host) and u.port is not None
-        except (ValueError, TypeError):
-            usable = False
-        if not usable or u is None:
+        u = parsed if parsed is not None else parse_url(url)
+        if u is None or u.scheme not in ("http", "https") or not u.host or u.port is None:
             raise _Done(FetchResult("failed", str(url), "bad_url"))
         try:
             self.resolver.check_literal(u.host, u.port)

@@ -282,12 +282,12 @@ async def existing(root: Path, rels: list[str]) -> set[str]:
     return await asyncio.to_thread(lambda: {r for r in rels if _regular(root / r)})
 
 
-def remove_stale_parts(top: Path, now: float | None = None) -> int:
+def remove_stale_parts(top: Path) -> int:
     """Delete `.crawler-*.part` leftovers of killed runs anywhere under `top`; return how many.
     Other processes may be writing there (cooperating runs): a part is removed only when its
     process, on this machine, is gone, or when it is older than STALE_PART_AGE_S (another
     machine's, one named in an older form, or a process id taken again since)."""
-    now = time.time() if now is None else now
+    now = time.time()
     removed = 0
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = [d for d in dirnames if d != ".git"]

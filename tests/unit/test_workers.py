@@ -47,9 +47,12 @@ def test_summaries_add_up_and_table_wide_counts_do_not():
     assert t["pauses"] == [{"budget": "pmc", "at_s": 3.0, "seconds": 3, "reason": "429"}]
 
 
-def test_worker_count():
+def test_worker_count(monkeypatch):
     assert workers.worker_count(3) == 3
-    assert workers.worker_count("auto") >= 1
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 6)
+    assert workers.worker_count("auto") == 6
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: None)  # the system cannot tell
+    assert workers.worker_count("auto") == 1
 
 
 def test_no_more_children_than_limit_rows():
