@@ -10,6 +10,7 @@ it, and a forked child's peak is the parent's size at the fork, so it says nothi
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -38,8 +39,26 @@ def use_event_loop(name: str) -> None:
         raise SystemExit(f"BENCH_EVENT_LOOP={name!r}: asyncio or uvloop")
 
 
+class GcClock:
+    """Wall time spent in Python's cyclic garbage collector, and collections per generation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._began
+            self.collections[info["generation"]] += 1
+
+
 def main() -> int:
     use_event_loop(os.environ.get("BENCH_EVENT_LOOP", ""))
+    gc_clock = GcClock()
+    gc.callbacks.append(gc_clock)
     stats_file, module, *args = sys.argv[1:]
     sys.argv = [module, *args]
     started = time.monotonic()
@@ -58,6 +77,8 @@ def main() -> int:
         "cpu_self_sys_s": round(own.ru_stime, 3),
         "cpu_children_s": round(kids.ru_utime + kids.ru_stime, 3),
         "peak_rss_kb": vm_hwm_kb(),
+        "gc_s": round(gc_clock.seconds, 3),
+        "gc_collections": gc_clock.collections,
     }))
     return code if isinstance(code, int) else (0 if code is None else 1)
 

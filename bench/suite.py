@@ -360,6 +360,9 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
         **phases(home / "reports"), "rows_per_s": round(done / wall, 1),
         "cpu_crawler_s": stats["cpu_self_s"], "cpu_crawler_sys_s": stats["cpu_self_sys_s"],
         "cpu_children_s": stats["cpu_children_s"],
+        # The measured process's time in Python's cyclic garbage collector (with --workers, the
+        # parent's alone).
+        "gc_crawler_s": stats.get("gc_s"),
         "cpu_simulator_s": sim_stats["cpu_s"], "cpu_postgres_s": round(pg_cpu, 1), "cpu_machine_s": round(busy, 1),
         "peak_rss_mb": round(stats["peak_rss_kb"] / 1024, 1), "rss_curve": stats.get("rss_curve", []),
         "peak_tree_rss_mb": round(stats.get("peak_tree_rss_kb", 0) / 1024, 1),
@@ -380,17 +383,34 @@ def crawler_job(admin_dsn: str, name: str, shares: list[HostShare], budgets: dic
     return result
 
 
+def bare_client(port: int, rows: int, inflight: int, store: Path | None = None) -> dict[str, Any]:
+    """bench.bare_run's line: the bare aiohttp loop over the lifted rows (storing the bodies
+    under `store` when given)."""
+    if store is not None:
+        discard(store)
+    out = subprocess.run([PY, "-m", "bench.bare_run", "--port", str(port), "--rows", str(rows),
+                          "--hosts", str(LIFTED_HOSTS), "--inflight-per-host", str(inflight),
+                          *(["--store", str(store)] if store is not None else [])],
+                         cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine_job(rows: int, settings: Settings) -> dict[str, Any]:
     """The machine's own ceilings, measured the same way as the runs they explain."""
     sim = Simulator()
     try:
-        out = subprocess.run([PY, "-m", "bench.bare_run", "--port", str(sim.port), "--rows", str(rows),
-                              "--hosts", str(LIFTED_HOSTS), "--inflight-per-host", str(settings.inflight_per_host)],
-                             cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+        bare = bare_client(sim.port, rows, settings.inflight_per_host)
     finally:
         sim_stats = sim.stop()
-    bare = json.loads(out.stdout.strip().splitlines()[-1])
     bare["cpu_simulator_s"] = sim_stats["cpu_s"]
+    # The floor under any job that keeps the images: the same loop, each body hashed and written
+    # to its own file (the job's paths), on the event loop itself: no threads, database or log.
+    sim = Simulator()
+    try:
+        storing = bare_client(sim.port, rows, settings.inflight_per_host, store=WORK / "bare-store")
+    finally:
+        sim.stop()
+        discard(WORK / "bare-store")
     # One file per fetched row: a temporary file written, then renamed into a folder of five.
     home = WORK / "files"
     shutil.rmtree(home, ignore_errors=True)
@@ -405,7 +425,7 @@ def machine_job(rows: int, settings: Settings) -> dict[str, Any]:
         os.replace(folder / f".f{i}.part", folder / f"f{i}.png")
     wall, t1 = time.perf_counter() - w0, os.times()
     discard(home)
-    return {"bare": bare, "file_us": round(1e6 * wall / count), "file_kernel_us": round(1e6 * (t1.system - t0.system) / count)}
+    return {"bare": bare, "bare_storing": storing, "file_us": round(1e6 * wall / count), "file_kernel_us": round(1e6 * (t1.system - t0.system) / count)}
 
 
 def lifted_budgets(inflight: int) -> dict[str, Any]:
