@@ -21,11 +21,10 @@ come from the running loop's clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,23 +165,16 @@ class Budget:
                 raise BudgetPaused(self.name, left)
             await asyncio.sleep(left)
 
-    @contextlib.asynccontextmanager
-    async def request(self) -> AsyncIterator[None]:
-        """Hold one in-flight slot for a request; its start slot is taken by the connector."""
-        await self._wait_pause()
-        async with self._slots:
-            self.stats.inflight += 1
-            token = _STARTING.set(self)
-            try:
-                yield
-            finally:
-                _STARTING.reset(token)
-                self.stats.inflight -= 1
+    def request(self) -> _InFlight:
+        """`async with budget.request():` holds one in-flight slot for a request; its start slot
+        is taken by the connector."""
+        return _InFlight(self)
 
     async def start(self) -> None:
         """Wait for this request's start slot (and any pause); called as the request goes out."""
         while True:
-            await self._wait_pause()
+            if self._paused_until > self._now():
+                await self._wait_pause()
             await self._limiter.acquire()
             if self._paused_until <= self._now():
                 break
@@ -193,6 +185,33 @@ class Budget:
             self._pause_reported = False
             if self._on_resume is not None:
                 self._on_resume(self)
+
+
+class _InFlight:
+    """One request's in-flight slot, after any pause in force; while held, the budget is the one
+    whose start slot this task's next connection takes. A class rather than a generator-based
+    context manager: two of these a row, and the generator's machinery cost more than the slot."""
+
+    __slots__ = ("_budget", "_token")
+
+    def __init__(self, budget: Budget) -> None:
+        self._budget = budget
+        self._token: contextvars.Token[Budget | None] | None = None
+
+    async def __aenter__(self) -> None:
+        budget = self._budget
+        if budget._paused_until > budget._now():
+            await budget._wait_pause()
+        await budget._slots.acquire()
+        budget.stats.inflight += 1
+        self._token = _STARTING.set(budget)
+
+    async def __aexit__(self, *exc: object) -> None:
+        budget = self._budget
+        assert self._token is not None
+        _STARTING.reset(self._token)
+        budget.stats.inflight -= 1
+        budget._slots.release()
 
 
 class BudgetedConnector(aiohttp.TCPConnector):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -19,6 +20,8 @@ from .config import Config, ConfigError
 from .db import Database, DatabaseError, JobBusy, is_connection_error
 from .git import GitError
 from .paths import PathError
+
+GC_YOUNG_EVERY = 10_000  # new containers between young collections (Python's default: 700); see _run_loop
 
 COMMANDS = {
     "figures": "re-download missing paper_figure files, politely (the figure job)",
@@ -219,6 +222,13 @@ def _run_loop(main: Any) -> Any:
     fires timers against that reading, so a budget's starts could come closer together than its
     rate allows by up to an iteration's length (the bench's politeness check saw 0.992 x 1/rate
     at the server on a busy machine). The bench can still run a job on it (bench/measured.py)."""
+    # The cyclic collector, left as it is, spent about 6 % of the figure job's CPU: a young
+    # collection every 700 new containers (a few a row), and each older one walking every
+    # module, class and function imported. What exists now lives until exit: frozen out of the
+    # collector's sight. Young collections every 10,000 containers: rarer, each the same work
+    # per object, and the garbage they wait for is at most a few MB.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_EVERY, *gc.get_threshold()[1:])
     return asyncio.run(main)
 
 

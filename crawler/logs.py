@@ -50,6 +50,8 @@ def _shown(event: dict[str, Any]) -> bool:
         rank = 0
     return rank >= LEVELS.index(_console_level)
 FLUSH_EVERY_S = 0.5
+# json.dumps(event, default=str, separators=(",", ":")), its encoder made once, not once a line
+_JSON_LINE = json.JSONEncoder(default=str, separators=(",", ":"))
 # Long values the JSON log keeps and the console leaves out (the effective config, a run's
 # per-host and per-error tables: the summary line and summary.md say them readably).
 FILE_ONLY_KEYS = frozenset({"config", "per_host", "errors", "transient_errors", "failed_errors",
@@ -68,6 +70,10 @@ class _Fanout:
         self._failed_at = 0.0
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+        self.emit(event)
+        raise structlog.DropEvent
+
+    def emit(self, event: dict[str, Any]) -> None:
         # Nothing secret is written: URL credentials, DSN passwords and the configuration's own
         # secrets are masked in every value, whatever put them there (an exception's text).
         event = redact.deep(event, self.secrets)
@@ -83,13 +89,12 @@ class _Fanout:
                     self.console.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken terminal: the JSON log still has it
-        raise structlog.DropEvent
 
     def _to_file(self, event: dict[str, Any]) -> None:
         """One JSON line. A log that cannot be written (a full disk) never stops the run: lines
         are dropped, said once on stderr, and counted in the line written when it works again."""
         assert self.file is not None
-        line = json.dumps(event, default=str, separators=(",", ":")) + "\n"
+        line = _JSON_LINE.encode(event) + "\n"
         now = time.monotonic()
         if self.dropped and now - self._failed_at < RETRY_FILE_S:
             self.dropped += 1
@@ -126,12 +131,29 @@ RETRY_FILE_S = 1.0  # a log file that failed is tried again this long after
 
 
 _open_file: TextIO | None = None
+_row_sink: tuple[_Fanout, Any, str | None] | None = None  # configure's fanout, time stamper and run id
+
+
+def row(event: str, **fields: Any) -> None:
+    """A per-row event at level info (a row's outcome): the very line `log.info(event, **fields)`
+    writes, for half its CPU. A run writes one per row, and structlog's path (a logger bound per
+    call, every context variable copied to find the run id, an exception to end the chain) cost
+    about 25 µs of the figure job's per-row CPU; this one goes straight to the same fanout."""
+    if _row_sink is None:
+        structlog.get_logger().info(event, **fields)
+        return
+    fanout, stamp, run_id = _row_sink
+    fields["event"] = event
+    if run_id is not None:
+        fields["run_id"] = run_id
+    fields["level"] = "info"
+    fanout.emit(stamp(None, "info", fields))
 
 
 def configure(run_id: str | None, log_file: Path | None, console: bool, verbose: bool = False,
               secrets: tuple[str, ...] = ()) -> None:
     """Route structlog to the run's JSON file and the console. Call again for the next run."""
-    global _open_file
+    global _open_file, _row_sink
     if _open_file is not None:
         try:
             _open_file.close()
@@ -149,8 +171,10 @@ def configure(run_id: str | None, log_file: Path | None, console: bool, verbose:
     structlog.contextvars.clear_contextvars()
     if run_id:
         structlog.contextvars.bind_contextvars(run_id=run_id)
-    processors.append(_Fanout(_open_file, sys.stderr if console else None, verbose, secrets))
+    fanout = _Fanout(_open_file, sys.stderr if console else None, verbose, secrets)
+    processors.append(fanout)
     structlog.configure(processors=processors, cache_logger_on_first_use=False)
+    _row_sink = (fanout, processors[2], run_id or None)
 
 
 def close() -> None:

@@ -102,7 +102,10 @@ def deep(value: Any, known: tuple[str, ...] = ()) -> Any:
     if isinstance(value, dict):
         out: dict[Any, Any] | None = None
         for k, v in value.items():
-            masked = deep(v, known)
+            kind = type(v)
+            if kind is int or kind is float or kind is bool or v is None:
+                continue  # nothing to mask, and most of a log line's values: no call for them
+            masked = scrub(v, known) if kind is str else deep(v, known)
             if masked is not v:  # copied only when something was masked: every log line passes here
                 out = out if out is not None else dict(value)
                 out[k] = masked

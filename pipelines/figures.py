@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from crawler import engine, files, media, paths, redact, sink as contract
+from crawler import engine, files, logs, media, paths, redact, sink as contract
 from crawler.budgets import Budget, Budgets
 from crawler.changeset import ChangesetFile, ChangesetWriter
 from crawler.committer import Committer, PlacedFile, close_bounded
@@ -586,7 +586,7 @@ class FigureJob:
             await self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,
                                                 result.content_type or "", utcnow(), str(url), data=keep))
             self.tally.add(host, "fetched")
-            log.info("row.outcome", artifact_id=row["id"], outcome="fetched", host=host, path=rel,
+            logs.row("row.outcome", artifact_id=row["id"], outcome="fetched", host=host, path=rel,
                      size=result.temp.size, requests=result.requests)
             return
         self._record(row["id"], host, result)
@@ -606,7 +606,7 @@ class FigureJob:
         await self.committer.add(PlacedFile(artifact_id, rel, sha, size, media.KINDS[ext][0], utcnow(), url))
         self.tally.add(host, "fetched")
         self.tally.counts["adopted_from_disk"] += 1
-        log.info("row.outcome", artifact_id=artifact_id, outcome="fetched", host=host, path=rel,
+        logs.row("row.outcome", artifact_id=artifact_id, outcome="fetched", host=host, path=rel,
                  size=size, requests=0, adopted=True)
         return True
 
@@ -625,7 +625,7 @@ class FigureJob:
                                                "url": redact.url(r.url)})
         self.sink.record(change)
         self.tally.add(host, r.outcome, r.error)
-        log.info("row.outcome", artifact_id=artifact_id, outcome=r.outcome, host=host, status=r.status,
+        logs.row("row.outcome", artifact_id=artifact_id, outcome=r.outcome, host=host, status=r.status,
                  error=r.error, requests=r.requests, **({"blocked_by": r.blocked_by} if r.blocked_by else {}))
 
     @staticmethod
