@@ -246,7 +246,8 @@ def _figure_options(args: argparse.Namespace, changeset: Path | None) -> Any:
     from pipelines.figures import FigureOptions
     return FigureOptions(limit=args.limit, host=(args.host or "").lower() or None, retry_failed=args.retry_failed,
                          changeset=changeset, plan=bool(args.plan),
-                         expect_workers=getattr(args, "expect_workers", 1) or 1)
+                         expect_workers=getattr(args, "expect_workers", 1) or 1,
+                         shares_progress=bool(getattr(args, "worker_of", None)))
 
 
 async def run_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None = None

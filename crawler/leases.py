@@ -8,9 +8,11 @@ every process, with no round trip per request. Leases live in PostgreSQL (`lease
 
 Every `tick_s` (lease_s / 3) a process, in one `tick()`:
 1. renews its leases; one not renewed (another took it after it expired) is lost;
-2. says it is alive (`lease_holders`), with its progress;
+2. says it is alive (`lease_holders`), with its progress when a `--workers` parent reads it;
 3. takes free units up to its fair share: the units its run has not swept, over the processes
    alive. Each process tries them in an order of its own, so processes asking at once spread.
+Between ticks (a unit of its own came to its end, or it waits on others' units and looks twice
+a second) it only `look()`s: step 3, in one or two statements, with nothing renewed.
 
 A lease is *surely ours* until the local clock reached, before the renewing statement was sent,
 plus lease_s: the database's expiry is later than that, so no one else can hold it while we
@@ -77,6 +79,7 @@ class Leases:
         self.held: dict[str, float] = {}  # unit -> local time until which it is surely ours
         self.done: set[str] = set()
         self.alive = 1
+        self.ticked_at = -math.inf  # local time the last renewal was sent
         # Each process its own order of trying units: processes asking at once get different ones.
         key = zlib.crc32(self.holder.encode())
         self._order = sorted(self.units, key=lambda u: zlib.crc32(u.encode()) ^ key)
@@ -106,6 +109,10 @@ class Leases:
             del self.held[u]
         return gone
 
+    def tick_due(self) -> bool:
+        """Whether the last renewal was sent tick_s ago or more (or none was yet)."""
+        return self.clock() - self.ticked_at >= self.tick_s
+
     async def tick(self) -> tuple[list[str], list[str]]:
         """Renew, say we are alive, take our share: (units gained, units lost)."""
         lost = self.expired()
@@ -123,24 +130,30 @@ class Leases:
                     lost.append(unit)
         await self.store.lease_holder_seen(self.holder, self.run_id, self.lease_s,
                                            self.progress() if self.progress is not None else None)
+        self.ticked_at = sent
+        for unit in lost:
+            log.warning("lease.lost", unit=unit, holder=self.holder,
+                        note="not renewed in time; its rows are left for whoever takes it next")
+        return await self.look(), lost
+
+    async def look(self) -> list[str]:
+        """Which units the run's processes swept, and our share of the free ones taken (the
+        units gained); nothing renewed."""
         done, self.alive, _in_run = await self.store.lease_state(self.holder, self.run_id, self.units)
         self.done |= done
         open_units = [u for u in self._order if u not in self.done]
         share = math.ceil(len(open_units) / max(self.alive, 1))
         want = share - sum(1 for u in self.held if u not in self.done)
         gained: list[str] = []
-        if want > 0:
-            candidates = [u for u in open_units if u not in self.held]
+        candidates = [u for u in open_units if u not in self.held] if want > 0 else []
+        if candidates:
             sent = self.clock()
             for unit in await self.store.lease_take(self.holder, self.run_id, self.lease_s, candidates, want):
                 self.held[unit] = sent + self.lease_s
                 gained.append(unit)
-        for unit in lost:
-            log.warning("lease.lost", unit=unit, holder=self.holder,
-                        note="not renewed in time; its rows are left for whoever takes it next")
         if gained:
             log.info("lease.taken", units=gained, holder=self.holder, alive=self.alive)
-        return gained, lost
+        return gained
 
     async def finish(self, unit: str) -> None:
         """`unit` swept to its end (its outcomes written): done for this run. Its lease is kept
@@ -165,10 +178,13 @@ class OwnLeases(Leases):
         return None
 
     async def tick(self) -> tuple[list[str], list[str]]:
+        return await self.look(), []
+
+    async def look(self) -> list[str]:
         gained = [u for u in self.units if u not in self.held and u not in self.done]
         for u in gained:
             self.held[u] = math.inf
-        return gained, []
+        return gained
 
     async def finish(self, unit: str) -> None:
         self.held.pop(unit, None)

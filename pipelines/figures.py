@@ -61,6 +61,7 @@ class FigureOptions:
     changeset: Path | None = None  # read-only repair: row changes go to this file (crawler/changeset.py)
     plan: bool = False             # only plan_only() is called: the changeset is only read
     expect_workers: int = 1        # processes of this run started together (--workers): wait for them to share
+    shares_progress: bool = False  # one of a `--workers` run's processes: its progress goes with its lease heartbeat
 
 
 @dataclass
@@ -157,7 +158,8 @@ class FigureJob:
         self.committer.start()
         # Read-only (a changeset): nothing to coordinate through; this process serves everything.
         self.leases = (OwnLeases(list(units)) if self.db.read_only else
-                       Leases(self.db, self.run_id, list(units), self.cfg["run"]["lease_s"], progress=self.progress))
+                       Leases(self.db, self.run_id, list(units), self.cfg["run"]["lease_s"],
+                              progress=self.progress if self.opts.shares_progress else None))
         progress = asyncio.create_task(self._progress(), name="progress")
         interrupted = False
         try:
@@ -206,7 +208,12 @@ class FigureJob:
         while not self._stopping.is_set():
             self._unit_ended.clear()  # before looking: an end signalled while we look is not missed
             try:
-                gained, lost = await asyncio.wait_for(self.leases.tick(), self._db_wait_s)
+                # Renewals every tick_s; a wake-up in between (a unit ended, or waiting on the
+                # others') only looks: what was swept, what is free.
+                if self.leases.tick_due():
+                    gained, lost = await asyncio.wait_for(self.leases.tick(), self._db_wait_s)
+                else:
+                    gained, lost = await asyncio.wait_for(self.leases.look(), self._db_wait_s), []
                 said_away = False
             except Exception as exc:
                 if not (is_connection_error(exc) or isinstance(exc, TimeoutError)):
@@ -484,7 +491,8 @@ class FigureJob:
                     self._local_failures_in_a_row = 0
         finally:
             unit.workers_done += 1
-            self._unit_ended.set()
+            if not unit.serving_rows():  # the unit's last worker: its end is the serve loop's business
+                self._unit_ended.set()
 
     def _give_up(self, why: str) -> None:
         """Stop on our own (the database away too long): the cause, in one line, ends the run."""

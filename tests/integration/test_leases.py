@@ -218,3 +218,82 @@ async def test_two_overlapping_runs_each_count_the_others_sweep_and_end(open_db)
     await a.tick()
     await b.tick()
     assert a.all_done() and b.all_done()
+
+
+class Counting:
+    """The store, with the names of the statements asked of it."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self.asked: list[str] = []
+
+    def __getattr__(self, name):
+        method = getattr(self.db, name)
+
+        async def counted(*args):
+            self.asked.append(name)
+            return await method(*args)
+        return counted
+
+
+async def test_a_look_between_ticks_renews_nothing_and_takes_what_is_free(open_db):
+    db_a, db_b = await open_db(), await open_db()
+    clock = Clock()
+    store = Counting(db_a)
+    a = Leases(store, "run-1", UNITS, 30, holder="a", clock=clock)
+    b = Leases(db_b, "run-1", UNITS, 30, holder="b")
+    await a.join(1)
+    await b.join(1)
+    assert a.tick_due(), "never renewed yet"
+    await b.tick()
+    await a.tick()
+    assert not a.tick_due()
+    assert set(a.held) | set(b.held) == set(UNITS) and not set(a.held) & set(b.held)
+    store.asked.clear()
+    assert await a.look() == [], "nothing free"
+    assert set(store.asked) <= {"lease_state", "lease_take"}, "no renewal, no presence: at most two statements"
+    b_units = set(b.held)
+    await b.release()
+    store.asked.clear()
+    assert set(await a.look()) == b_units
+    assert set(a.held) == set(UNITS), "b's units, given back, are taken at the next look"
+    assert "lease_renew" not in store.asked and "lease_holder_seen" not in store.asked
+    clock.now += 10
+    assert a.tick_due(), "tick_s after the last renewal"
+
+
+async def test_a_run_renews_per_tick_not_per_unit_that_ends(dsn, sim, repo, tmp_path, monkeypatch):
+    """Each unit's end wakes the serve loop; that wake-up only looks. Renewing and saying the
+    process is alive (with its progress, which only a `--workers` parent reads) wait for the
+    tick, so a run of many units does not send a renewal per unit or per worker."""
+    import time
+
+    from crawler.db import Database
+    from crawler.sandbox import images
+    from crawler.sandbox.simulator import Behaviour
+    from tests.harness import figure_config, insert_figures, run_figures, url
+
+    png = images.png(5, 2000)
+    hosts = ("cdn.example.com", "media.example.net", "www.ncbi.nlm.nih.gov", "europepmc.org")
+    rows = []
+    for i in range(24):
+        host = hosts[i % len(hosts)]
+        sim.set_route(host, f"/u/{i}.png", Behaviour(body=png))
+        rows.append((f"u{i:02d}", {"image_url": url(host, f"/u/{i}.png"), "paper_id": f"P{i}"}, None))
+    await insert_figures(dsn, rows)
+    cfg = figure_config(dsn, repo, sim.port, tmp_path, run={"lease_s": 30.0, "lease_groups": 16})
+    seen: list[dict | None] = []
+    real = Database.lease_holder_seen
+
+    async def counted(self, holder, run_id, lease_s, progress):
+        seen.append(progress)
+        return await real(self, holder, run_id, lease_s, progress)
+
+    monkeypatch.setattr(Database, "lease_holder_seen", counted)
+    started = time.monotonic()
+    code, summary = await run_figures(cfg)
+    elapsed = time.monotonic() - started
+    assert code == 0 and summary["fetched"] == 24
+    # join, then one per tick_s (10 s) of the run: not one per unit or worker that ended
+    assert len(seen) <= 2 + int(elapsed // 10), (len(seen), elapsed)
+    assert all(p is None for p in seen), "a run on its own keeps its progress out of the lease table"
