@@ -170,7 +170,7 @@ class Fetcher:
         """Hosts whose HEAD 404s turned out false this run."""
         return sorted(h for h, t in self.head_trust.items() if t.lying)
 
-    async def fetch(self, url: str, temp_dir: Path, stem: str, parsed: URL | None = None) -> FetchResult:
+    async def fetch(self, url: str, temp_dir: Path | str, stem: str, parsed: URL | None = None) -> FetchResult:
         """Try `url` once (with its bounded retries); never raises for network or HTTP trouble.
         `parsed`: the caller's URL(url) already, so a row's URL is parsed once."""
         state = FetchResult("failed", url)
@@ -219,7 +219,7 @@ class Fetcher:
         raise _Done(self._classify(resp, url))
 
     async def _body(self, resp: aiohttp.ClientResponse, url: URL, state: FetchResult,
-                    temp_dir: Path, stem: str, confirming: str | None = None) -> None:
+                    temp_dir: Path | str, stem: str, confirming: str | None = None) -> None:
         if confirming is not None:
             trust = self._trust(confirming)
             if resp.status in HARD_404:

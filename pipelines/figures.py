@@ -92,6 +92,7 @@ class FigureJob:
         self.run_id = run_id
         self.opts = opts
         self.root = Path(cfg["artifacts"]["root"])
+        self._root_text = str(self.root)
         self.http = cfg["http"]
         self.tally = Tally()
         self.resolve_path = paths.load_resolver(cfg["artifacts"]["figure_path"], cfg["artifacts"]["path_resolver"])
@@ -579,7 +580,8 @@ class FigureJob:
         if not isinstance(url, str):
             self._record(row["id"], host, FetchResult("failed", str(url), "bad_url"))
             return
-        temp_dir = (self.root / candidates[".png"]).parent
+        # Paths as text from here: pathlib's objects, a few a row, cost more than they say.
+        temp_dir = os.path.dirname(os.path.join(self._root_text, candidates[".png"]))
         result = await self.fetcher.fetch(url, temp_dir, paths.safe_segment(row["id"]), parsed)
         if result.outcome == "deferred":  # never asked: the row stays as it was for a later run
             self.tally.counts["deferred"] += 1
@@ -588,7 +590,7 @@ class FigureJob:
         if result.outcome == "fetched":
             assert result.temp is not None and result.ext is not None
             rel = candidates[result.ext]
-            body = await files.place_temp(result.temp, self.root / rel)
+            body = await files.place_temp(result.temp, os.path.join(self._root_text, rel))
             # Small bodies ride along to the commit, which then need not read them back.
             keep = body if body is not None and len(body) <= KEEP_FOR_COMMIT else None
             await self.committer.add(PlacedFile(row["id"], rel, result.temp.sha256.hexdigest(), result.temp.size,

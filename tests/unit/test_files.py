@@ -73,3 +73,43 @@ def test_part_names_say_their_machine_and_process(tmp_path):
     import os
     t = files.TempFile(tmp_path, "stem")
     assert t.name.startswith(".crawler-stem@") and f"@{os.getpid()}@" in t.name and t.name.endswith(".part")
+
+
+def test_placers_hand_back_results_and_errors_on_each_loop_and_outlive_a_cancelled_wait(tmp_path):
+    import asyncio
+    import threading
+
+    placers = files.Placers(2)
+    gate = threading.Event()
+
+    def blocked() -> str:
+        gate.wait(30)
+        return "placed"
+
+    def fails() -> None:
+        raise OSError(28, "No space left on device")
+
+    async def first_loop() -> None:
+        assert await placers.run(lambda: 41 + 1) == 42
+        try:
+            await placers.run(fails)
+        except OSError as exc:
+            assert exc.errno == 28
+        else:
+            raise AssertionError("the thread's error reaches the awaiting task")
+        # A stop cancels a task waiting on its file: the placement goes on, the thread lives.
+        waiting = asyncio.ensure_future(placers.run(blocked))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        gate.set()
+        assert await placers.run(lambda: "next") == "next"
+
+    asyncio.run(first_loop())
+    # A second event loop (the next run in one process) is served by the same threads.
+    assert asyncio.run(_placed(placers, tmp_path)) == b"body"
+
+
+async def _placed(placers, tmp_path):
+    target = tmp_path / "f.bin"
+    await placers.run(lambda: target.write_bytes(b"body"))
+    return target.read_bytes()
