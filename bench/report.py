@@ -79,9 +79,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": p["polite"]})
     if "workers" in s:
         w = s["workers"]
-        out.append({"name": "workers: more rows/s with 2", "target": "rows/s with --workers 2 > with 1",
+        # More than the noise between two runs of one process (about 5 % here) counts as growth.
+        out.append({"name": "workers: more rows/s with 2", "target": "rows/s with --workers 2 > with 1, by 5 % or more",
                     "measured": f"{w['n2']['rows_per_s']:,.0f} / {w['n1']['rows_per_s']:,.0f} rows/s = {w['speedup']:.2f} x",
-                    "met": (w["speedup"] or 0) > 1.0})
+                    "met": (w["speedup"] or 0) >= 1.05})
         three = w["three_workers_capped"]
         out.append({"name": "workers: no double requests, caps kept", "target": "0 repeated; starts per 1 s <= rate, open <= max_inflight",
                     "measured": f"{three['repeated_requests']} repeated; caps {'kept' if three['caps_held'] else 'BROKEN'}",
@@ -150,9 +151,12 @@ def notes(results: dict[str, Any]) -> list[str]:
                                for p in picks))
     if "workers" in s:
         for n in (1, 2):
-            c = s["workers"][f"n{n}"]["cpu_ms_per_row"]
+            run = s["workers"][f"n{n}"]
+            c = run["cpu_ms_per_row"]
+            # Cores busy: what the whole machine spent over the run's wall time, against its cores.
             out.append(f"workers {n}: CPU ms per row: job {c['job']}, commit worker and git {c['commit_worker_and_git']}, "
-                       f"PostgreSQL {c['postgres']}, simulator {c['simulator']}, machine {c['machine']}")
+                       f"PostgreSQL {c['postgres']}, simulator {c['simulator']}, machine {c['machine']}; "
+                       f"cores busy {run['cpu_machine_s'] / max(run['wall_s'], 1e-9):.2f} of {results['machine']['cores']}")
     if "polite" in s:
         p = s["polite"]
         out.append(f"polite: shipped budgets, {st['polite_latency_ms']:.0f} ms server latency; minimum = max over "
