@@ -256,17 +256,16 @@ async def run_figures(cfg: Config, db: Database, args: argparse.Namespace, chang
 
     from . import workers
     opts = _figure_options(args, changeset)
-    if getattr(args, "worker_of", None):  # one of the processes a `--workers N` run started
-        return await engine.run_job(cfg, db, "figures", lambda run_id: FigureJob(cfg, db, run_id, opts),
-                                    verbose=args.verbose, record_run=False, run_id=args.worker_of,
-                                    worker=args.worker_index)
-    count = workers.worker_count(getattr(args, "workers", None) or cfg["run"]["workers"])
+    worker_of = getattr(args, "worker_of", None)  # one of the processes a `--workers N` run started
+    count = 1 if worker_of else workers.worker_count(getattr(args, "workers", None) or cfg["run"]["workers"])
     if count > 1 and changeset is None:  # a changeset run only reads the database: no leases, one process
         return await engine.run_job(cfg, db, "figures",
                                     lambda run_id: workers.WorkersJob(cfg, db, run_id, args, count),
                                     verbose=args.verbose)
+    # A worker's run is recorded by its parent, under the parent's run id.
     return await engine.run_job(cfg, db, "figures", lambda run_id: FigureJob(cfg, db, run_id, opts),
-                                verbose=args.verbose, record_run=changeset is None)
+                                verbose=args.verbose, record_run=changeset is None and not worker_of,
+                                run_id=worker_of, worker=args.worker_index if worker_of else None)
 
 
 async def plan_figures(cfg: Config, db: Database, args: argparse.Namespace, changeset: Path | None) -> dict:

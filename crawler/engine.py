@@ -72,7 +72,7 @@ async def run_job(cfg: Config, db: Database, command: str,
     run_id = run_id or new_run_id(command)
     folder = report.run_dir(Path(cfg["report"]["dir"]), run_id)
     if worker is not None:
-        folder = folder / f"worker-{worker}"
+        folder = report.worker_dir(folder, worker)
     logs.configure(run_id, folder / "log.jsonl", cfg["report"]["console"], verbose, cfg.secrets())
     started = utcnow()
     t0 = time.monotonic()

@@ -30,6 +30,11 @@ def run_dir(report_root: Path, run_id: str) -> Path:
     return report_root / run_id
 
 
+def worker_dir(run_folder: Path, index: int) -> Path:
+    """Where process `index` of a `--workers` run writes its report, inside the run's folder."""
+    return run_folder / f"worker-{index}"
+
+
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "summary.json.tmp"

@@ -133,7 +133,7 @@ class WorkersJob:
             self._signal_children(signal.SIGKILL)  # only those still running: the parent is leaving
         summaries = []
         for k in range(self.count):
-            path = self.folder / f"worker-{k}" / "summary.json"
+            path = report.worker_dir(self.folder, k) / "summary.json"
             try:
                 summaries.append(json.loads(path.read_text()))
             except (OSError, ValueError):

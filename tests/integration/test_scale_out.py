@@ -232,9 +232,15 @@ async def test_a_stop_reaches_every_worker_and_a_rerun_finishes_the_rest(dsn, si
     finally:
         await admin.close()
     assert proc.returncode == 130, err.decode()[-3000:]
-    for pid in pids:  # the stop reached them: each one is gone, none left running on its own
+    for pid in pids:  # none left running on its own
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    # The stop reached each worker: each drained and wrote its own summary, saying so (a worker
+    # the parent had to kill on its way out writes none).
+    [run_folder] = [p for p in (tmp_path / "reports").iterdir() if p.is_dir()]
+    for k in range(2):
+        summary = json.loads((run_folder / f"worker-{k}" / "summary.json").read_text())
+        assert summary["interrupted"] is True, (k, summary.get("status"))
     assert len({(r.host, r.path) for r in sim.log if r.method == "HEAD"}) < len(rows), "stopped before the end"
     rerun = await _start(config)
     _out, err = await rerun.communicate()
