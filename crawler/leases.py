@@ -79,7 +79,7 @@ class Leases:
         self.held: dict[str, float] = {}  # unit -> local time until which it is surely ours
         self.done: set[str] = set()
         self.alive = 1
-        self.ticked_at = -math.inf  # local time the last renewal was sent
+        self.tick_began = -math.inf  # local time the last tick began (whether it worked or not)
         # Each process its own order of trying units: processes asking at once get different ones.
         key = zlib.crc32(self.holder.encode())
         self._order = sorted(self.units, key=lambda u: zlib.crc32(u.encode()) ^ key)
@@ -110,13 +110,20 @@ class Leases:
         return gone
 
     def tick_due(self) -> bool:
-        """Whether the last renewal was sent tick_s ago or more (or none was yet)."""
-        return self.clock() - self.ticked_at >= self.tick_s
+        """Whether the last tick began tick_s ago or more (or none did yet). A tick that failed
+        (the database away) is tried again tick_s later, as when every tick was on a timer:
+        lease_s is three ticks, so a lease survives two failed renewals in a row."""
+        return self.next_tick_in() <= 0
+
+    def next_tick_in(self) -> float:
+        """Seconds until the next tick is due (0: now). Whatever else wakes the caller in
+        between (a unit ending), it must not sleep past this."""
+        return max(0.0, self.tick_began + self.tick_s - self.clock())
 
     async def tick(self) -> tuple[list[str], list[str]]:
         """Renew, say we are alive, take our share: (units gained, units lost)."""
         lost = self.expired()
-        sent = self.clock()
+        sent = self.tick_began = self.clock()
         if self.held:
             kept = await self.store.lease_renew(self.holder, self.lease_s, list(self.held))
             answered = self.clock()
@@ -130,7 +137,6 @@ class Leases:
                     lost.append(unit)
         await self.store.lease_holder_seen(self.holder, self.run_id, self.lease_s,
                                            self.progress() if self.progress is not None else None)
-        self.ticked_at = sent
         for unit in lost:
             log.warning("lease.lost", unit=unit, holder=self.holder,
                         note="not renewed in time; its rows are left for whoever takes it next")
@@ -176,6 +182,9 @@ class OwnLeases(Leases):
 
     async def join(self, expect: int, poll_s: float = 0.2) -> None:
         return None
+
+    def next_tick_in(self) -> float:
+        return math.inf  # nothing to renew
 
     async def tick(self) -> tuple[list[str], list[str]]:
         return await self.look(), []

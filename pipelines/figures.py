@@ -251,14 +251,21 @@ class FigureJob:
             # The next tick, a stop, or a unit coming to its end, whichever comes first. With
             # nothing of our own to serve we are waiting on others' units: look more often, so
             # the run ends (or takes over) soon after they do, not a whole tick later.
-            wait_s = self.leases.tick_s if any(u.serving() for u in self._units.values()) else IDLE_LOOK_S
             waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._unit_ended.wait())]
             try:
-                await asyncio.wait(waits, timeout=min(wait_s, self.leases.tick_s, 3600.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=self._serve_wait_s(), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+
+    def _serve_wait_s(self) -> float:
+        """How long the serve loop may sleep: until the next tick is due (a look between ticks
+        does not put the renewal off), and no longer than IDLE_LOOK_S with nothing of our own to
+        serve."""
+        wait_s = self.leases.next_tick_in()
+        if not any(u.serving() for u in self._units.values()):
+            wait_s = min(wait_s, IDLE_LOOK_S)
+        return min(wait_s, 3600.0)
 
     def _start_unit(self, name: str, hosts: list[str] | None) -> None:
         unit = _Unit(name)

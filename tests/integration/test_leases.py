@@ -297,3 +297,55 @@ async def test_a_run_renews_per_tick_not_per_unit_that_ends(dsn, sim, repo, tmp_
     # join, then one per tick_s (10 s) of the run: not one per unit or worker that ended
     assert len(seen) <= 2 + int(elapsed // 10), (len(seen), elapsed)
     assert all(p is None for p in seen), "a run on its own keeps its progress out of the lease table"
+
+
+async def test_the_next_tick_is_due_tick_s_after_the_last_began_even_if_it_failed(open_db):
+    """Looks between ticks do not put the renewal off, and a tick that failed (the database
+    away) is tried again a tick later, not at every wake-up."""
+    db = await open_db()
+    clock = Clock()
+
+    class Failing:
+        fail = False
+
+        def __getattr__(self, name):
+            return getattr(db, name)
+
+        async def lease_renew(self, *args):
+            if self.fail:
+                raise ConnectionResetError("the database went away")
+            return await db.lease_renew(*args)
+
+    store = Failing()
+    a = Leases(store, "run-1", ["pmc"], 30, holder="a", clock=clock)
+    await a.join(1)
+    assert a.tick_due() and a.next_tick_in() == 0
+    await a.tick()
+    assert not a.tick_due() and a.next_tick_in() == 10
+    clock.now += 9.5
+    await a.look()
+    assert a.next_tick_in() == pytest.approx(0.5), "a look does not move the next renewal"
+    clock.now += 0.5
+    assert a.tick_due()
+    store.fail = True
+    with pytest.raises(ConnectionResetError):
+        await a.tick()
+    assert a.next_tick_in() == 10, "tried again a tick later"
+    assert OwnLeases(["pmc"]).next_tick_in() == float("inf")
+
+
+def test_the_serve_loop_sleeps_no_longer_than_to_the_next_tick():
+    from types import SimpleNamespace
+
+    from pipelines.figures import IDLE_LOOK_S, FigureJob
+
+    clock = Clock()
+    leases = Leases(None, "run-1", ["pmc"], 30, holder="a", clock=clock)
+    leases.tick_began = clock.now - 9.9  # a tick began 9.9 s ago; a unit's end woke the loop since
+    serving = SimpleNamespace(serving=lambda: True)
+    job = SimpleNamespace(leases=leases, _units={"pmc": serving})
+    assert FigureJob._serve_wait_s(job) == pytest.approx(0.1)
+    leases.tick_began = clock.now
+    assert FigureJob._serve_wait_s(job) == pytest.approx(10)
+    job._units = {}
+    assert FigureJob._serve_wait_s(job) == IDLE_LOOK_S, "nothing of our own: look at the others' often"
