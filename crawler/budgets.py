@@ -208,10 +208,12 @@ class _InFlight:
 
     async def __aexit__(self, *exc: object) -> None:
         budget = self._budget
-        assert self._token is not None
-        _STARTING.reset(self._token)
-        budget.stats.inflight -= 1
-        budget._slots.release()
+        try:
+            if self._token is not None:
+                _STARTING.reset(self._token)
+        finally:
+            budget.stats.inflight -= 1
+            budget._slots.release()
 
 
 class BudgetedConnector(aiohttp.TCPConnector):

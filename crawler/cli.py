@@ -227,6 +227,7 @@ def _run_loop(main: Any) -> Any:
     # module, class and function imported. What exists now lives until exit: frozen out of the
     # collector's sight. Young collections every 10,000 containers: rarer, each the same work
     # per object, and the garbage they wait for is at most a few MB.
+    gc.collect()  # (what is garbage already is not frozen with the rest)
     gc.freeze()
     gc.set_threshold(GC_YOUNG_EVERY, *gc.get_threshold()[1:])
     return asyncio.run(main)

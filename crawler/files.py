@@ -13,6 +13,7 @@ threads, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import itertools
@@ -55,38 +56,62 @@ STALE_PART_AGE_S = 86400  # another machine's leftover is removed once this old
 T = TypeVar("T")
 
 
+_Work = tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]
+
+
 class Placers:
     """Threads that place files, handed work through a plain queue: one file a row, and asyncio's
     run_in_executor (a concurrent.futures future chained to the loop's, a lock and a condition
     each) cost the event loop about 25 µs a hop against 8 here. Threads of their own: never
     queued behind other blocking work (hashing, git reads), and no more of them than cores, as
     creating files in one folder serialises in the kernel anyway (more threads only spin on the
-    folder's lock). Daemon threads, started on first use (again in a forked child): a placement
-    cut off by the process's exit leaves at most a `.part` file, which the next run removes."""
+    folder's lock). Started on first use (again in a forked child); at the process's exit the
+    placements already handed over are finished first (`drain`), as an executor's would be: a
+    file placed but not committed is adopted by the next run, where one dropped is fetched again."""
 
     def __init__(self, threads: int) -> None:
-        self._threads = threads
-        self._queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]] | None = None
+        self._count = threads
+        self._queue: queue.SimpleQueue[_Work | None] | None = None
+        self._threads: list[threading.Thread] = []
 
     def forget(self) -> None:
         """After a fork: the threads stayed in the parent."""
-        self._queue = None
+        self._queue, self._threads = None, []
 
     def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """`fn()` in a placer thread; its result (or exception) on the running loop."""
         loop = asyncio.get_running_loop()
         if self._queue is None:
-            self._queue = queue.SimpleQueue()
-            for k in range(self._threads):
-                threading.Thread(target=self._serve, args=(self._queue,), name=f"place-{k}", daemon=True).start()
+            work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+            threads = [threading.Thread(target=self._serve, args=(work,), name=f"place-{k}", daemon=True)
+                       for k in range(self._count)]
+            for t in threads:  # (one that cannot start raises here, before any work is queued)
+                t.start()
+            self._queue, self._threads = work, threads
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((loop, future, fn))
         return future
 
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Finish what was handed over, then let the threads end (at exit; the next `run`
+        starts new ones)."""
+        work, threads = self._queue, self._threads
+        if work is None:
+            return
+        self._queue, self._threads = None, []
+        for _ in threads:
+            work.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     @staticmethod
-    def _serve(work: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]]) -> None:
+    def _serve(work: queue.SimpleQueue[_Work | None]) -> None:
         while True:
-            loop, future, fn = work.get()
+            item = work.get()
+            if item is None:
+                return
+            loop, future, fn = item
             try:
                 result, error = fn(), None
             except BaseException as exc:  # handed to the awaiting task, as run_in_executor does
@@ -100,6 +125,8 @@ class Placers:
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.cancelled():  # the awaiting task was cancelled (a stop): the file is in place all the same
         return
+    if isinstance(error, StopIteration):  # a future refuses it (TypeError), and would never settle
+        error = RuntimeError(f"StopIteration in a placer thread: {error!r}")
     if error is not None:
         future.set_exception(error)
     else:
@@ -108,6 +135,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 _PLACERS = Placers(2)
 os.register_at_fork(after_in_child=_PLACERS.forget)
+atexit.register(_PLACERS.drain)
 
 
 class TempFile:

@@ -145,7 +145,7 @@ def row(event: str, **fields: Any) -> None:
     fanout, stamp, run_id = _row_sink
     fields["event"] = event
     if run_id is not None:
-        fields["run_id"] = run_id
+        fields.setdefault("run_id", run_id)  # (as structlog's merge: a run_id given wins)
     fields["level"] = "info"
     fanout.emit(stamp(None, "info", fields))
 

@@ -90,6 +90,8 @@ def test_placers_hand_back_results_and_errors_on_each_loop_and_outlive_a_cancell
         raise OSError(28, "No space left on device")
 
     async def first_loop() -> None:
+        troubles: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: troubles.append(context))
         assert await placers.run(lambda: 41 + 1) == 42
         try:
             await placers.run(fails)
@@ -103,6 +105,15 @@ def test_placers_hand_back_results_and_errors_on_each_loop_and_outlive_a_cancell
         waiting.cancel()
         gate.set()
         assert await placers.run(lambda: "next") == "next"
+        # StopIteration cannot be set on a future: it arrives as a RuntimeError, never a hang.
+        try:
+            await placers.run(lambda: next(iter(())))
+        except RuntimeError as exc:
+            assert "StopIteration" in str(exc)
+        else:
+            raise AssertionError("StopIteration reaches the awaiting task as RuntimeError")
+        await asyncio.sleep(0)
+        assert troubles == [], "a result for a wait that was cancelled is dropped quietly"
 
     asyncio.run(first_loop())
     # A second event loop (the next run in one process) is served by the same threads.
@@ -113,3 +124,25 @@ async def _placed(placers, tmp_path):
     target = tmp_path / "f.bin"
     await placers.run(lambda: target.write_bytes(b"body"))
     return target.read_bytes()
+
+
+def test_placers_finish_what_was_handed_over_before_the_process_exits(tmp_path):
+    """At exit (atexit: files._PLACERS.drain) the placements already queued are done, as an
+    executor's are: a file placed but not committed is adopted by the next run."""
+    import asyncio
+    import threading
+
+    placers = files.Placers(1)
+    slow = threading.Event()
+    targets = [tmp_path / f"f{k}" for k in range(5)]
+
+    async def hand_over() -> None:
+        placers.run(lambda: slow.wait(30))  # the thread is busy; the five below wait in the queue
+        for t in targets:
+            placers.run(lambda t=t: t.write_bytes(b"x"))
+
+    asyncio.run(hand_over())  # the loop is gone before any of them is done
+    slow.set()
+    placers.drain()
+    assert all(t.read_bytes() == b"x" for t in targets)
+    assert asyncio.run(_placed(placers, tmp_path)) == b"body", "a later run starts threads afresh"

@@ -18,12 +18,16 @@ def test_row_line_is_structlogs_line(tmp_path: Path) -> None:
                   "done": True, "extra": {"nested": "https://u:p@x.test/"}}
         structlog.get_logger().info("row.outcome", **fields)
         logs.row("row.outcome", **fields)
+        structlog.get_logger().info("row.outcome", run_id="given", **fields)
+        logs.row("row.outcome", run_id="given", **fields)
     finally:
         logs.close()
-    slow, fast = (json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines())
-    assert list(fast) == list(slow)  # same keys, same order
-    assert fast.pop("timestamp").endswith("Z") and slow.pop("timestamp").endswith("Z")
-    assert fast == slow
+    slow, fast, slow_given, fast_given = (json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines())
+    for a, b in ((slow, fast), (slow_given, fast_given)):
+        assert list(b) == list(a)  # same keys, same order
+        assert b.pop("timestamp").endswith("Z") and a.pop("timestamp").endswith("Z")
+        assert b == a
+    assert fast_given["run_id"] == "given"
     assert fast["run_id"] == "run-1" and fast["level"] == "info" and fast["event"] == "row.outcome"
     assert "pw@" not in fast["url"] and "s3cret-token" not in fast["url"]
     assert "u:p@" not in fast["extra"]["nested"]

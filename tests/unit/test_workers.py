@@ -21,6 +21,19 @@ def test_children_get_the_figure_options_and_a_share_of_the_limit():
     assert "--limit" not in workers.child_argv(_args(), "R", 1, 2)
 
 
+def test_a_child_parses_to_a_job_that_shares_its_progress_and_a_plain_run_does_not():
+    """The parent sums its children's progress from their lease heartbeats (workers.merge_progress):
+    the child's command line, parsed as the CLI does, must ask its job for it."""
+    from crawler import cli
+
+    parser = cli.build_parser()
+    child = parser.parse_args(workers.child_argv(_args(), "RUN", 1, 2)[3:])
+    plain = parser.parse_args(["figures", "--config", "site.toml"])
+    assert cli._figure_options(child, None).shares_progress is True
+    assert cli._figure_options(child, None).expect_workers == 2
+    assert cli._figure_options(plain, None).shares_progress is False
+
+
 def test_summaries_add_up_and_table_wide_counts_do_not():
     a = {"attempted": 6, "fetched": 4, "hard_404": 2, "no_url": 3, "planned": 20, "per_host": {"x.org": {"attempted": 6}},
          "errors": {"timeout": 1}, "requests_per_budget": {"pmc": 10}, "unrecorded": [{"reason": "r1"}],
