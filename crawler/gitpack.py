@@ -44,6 +44,7 @@ from . import gitindex, native
 
 OBJ_COMMIT, OBJ_TREE, OBJ_BLOB, OBJ_OFS_DELTA = 1, 2, 3, 6
 FOLDER_MODE = b"40000"
+BLOB_MODES = frozenset({b"100644", b"100755", b"120000"})  # a file, an executable, a link
 CHUNK = 32             # entries per chunk: a change rewrites ~1.3 KB of a folder, and its delta carries as much
 DELTA_FROM = 4096      # folders at least this big are stored as deltas against their version before
 MAX_DEPTH = 50         # deltas on deltas, at most (git's own default)
@@ -622,10 +623,20 @@ class PackCommitter:
         return Folder(body, oid, self._scratch() if len(body) >= KEEP_LOADED else None)
 
     def _start_from(self, tip: str | None) -> Folder:
+        if self._top is not None and self.tip is not None and tip is not None and tip != self.tip:
+            # The branch moved (another process, a user): what changed is applied to the folders
+            # we hold, so the work grows with the changes and not with the big folders.
+            try:
+                caught_up = self._catch_up(tip)
+            except (PackError, Refused, OSError, ValueError, subprocess.SubprocessError):
+                caught_up = False
+            if caught_up:
+                self.tip = tip
+                return self._top
         if self._top is None or self.tip != tip:
-            # The branch moved (another process, a user): the folders are read again, and the
-            # scratch file's chunks are all the old tree's. Dropped with it, or it would grow by
-            # a big folder every call while counting them live (nothing would rewrite it).
+            # Otherwise the folders are read again, and the scratch file's chunks are all the old
+            # tree's. Dropped with it, or it would grow by a big folder every call while counting
+            # them live (nothing would rewrite it).
             self.forget()
             if tip is None:
                 self._top = Folder()
@@ -636,6 +647,31 @@ class PackCommitter:
                 self._top = self._load(bytes.fromhex(commit[5:45].decode()))
             self.tip = tip
         return self._top
+
+    def _catch_up(self, tip: str) -> bool:
+        """Bring the folders held (the tree of `self.tip`) to `tip`'s tree by applying the files
+        that differ (`git diff-tree`), when every difference is a file added or changed; then
+        check the result against `tip`'s own tree id. False: read the folders again instead (a
+        file deleted or turned into a folder, a tree id that does not match)."""
+        assert self._top is not None and self.tip is not None
+        root, env, timeout_s = self._reader_args
+        out = subprocess.run(["git", "diff-tree", "-r", "-z", "--no-renames", "--raw", self.tip, tip],
+                             cwd=root, env=dict(env), capture_output=True, timeout=timeout_s)
+        if out.returncode != 0:
+            return False
+        fields = out.stdout.split(b"\0")
+        changes: list[Blob] = []
+        for k in range(0, len(fields) - 1, 2):
+            meta, path = fields[k].split(), fields[k + 1]
+            if len(meta) != 5 or meta[4] not in (b"A", b"M") or meta[1].lstrip(b":") not in BLOB_MODES:
+                return False
+            changes.append(Blob(path.decode("utf-8", "surrogateescape"), meta[1], bytes.fromhex(meta[3].decode()), 0, None))
+        commit = self._reader.read(tip, "commit")
+        if not commit.startswith(b"tree "):
+            raise PackError(f"commit {tip} has no tree")
+        for blob in changes:
+            self._place(self._top, blob)
+        return self._store(self._top, [], set()) == bytes.fromhex(commit[5:45].decode())
 
     def _place(self, top: Folder, blob: Blob) -> bool:
         """Put `blob` into the tree; False if that path already holds exactly it."""

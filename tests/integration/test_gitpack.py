@@ -331,3 +331,62 @@ def test_a_scratch_file_that_cannot_be_written_costs_no_commit(repo, monkeypatch
     packer.close()
     assert len(git(repo, "ls-tree", "-r", "--name-only", "HEAD").split()) == 41
     assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_a_branch_moved_by_another_committer_is_caught_up_without_reading_the_folders_again(repo, monkeypatch):
+    """Two processes committing in turn (--workers): each applies the other's files to the
+    folders it holds (git diff-tree) instead of reading them again, and the trees are git's."""
+    monkeypatch.setattr(gitpack, "KEEP_LOADED", 200)  # the papers' folder is a big one, spilled
+    env = dict(os.environ)
+    a = gitpack.PackCommitter(repo, repo / ".git" / "objects", env, 60, b"a <a@a>")
+    b = gitpack.PackCommitter(repo, repo / ".git" / "objects", env, 60, b"b <b@b>")
+    loads: list[int] = []  # the size of each folder read from git
+
+    def counted(oid, real):
+        folder = real(oid)
+        loads.append(folder.size())
+        return folder
+    for p in (a, b):
+        monkeypatch.setattr(p, "_load", lambda oid, real=p._load: counted(oid, real))
+    tip = git(repo, "rev-parse", "HEAD")
+    expected: dict[str, bytes] = {}
+    for i in range(6):
+        for name, p in (("a", a), ("b", b)):
+            batch = [(f"figures/papers/P{i}{name}{k:02d}/f.png", b"%s-%d-%d" % (name.encode(), i, k), None)
+                     for k in range(30)]
+            batch.append((f"figures/papers/P0a00/more-{name}{i}.png", b"more", None))  # a folder both write to
+            made, refused, _ = gitpack.work(p, tip, [(batch, f"{name} {i}")])
+            assert refused == {}
+            git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+            tip = made[-1]
+            expected.update({path: data for path, data, _ in batch})
+        if i == 0:
+            loads.clear()  # each has read the folders once, to start
+    a.close()
+    b.close()
+    assert all(size < gitpack.KEEP_LOADED for size in loads), f"a big folder was read again: {loads}"
+    listed = git(repo, "ls-tree", "-r", "HEAD", "figures/papers").splitlines()
+    assert {line.split("\t")[1]: line.split()[2] for line in listed} == {p: blob_id(d) for p, d in expected.items()}
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
+
+
+def test_a_file_deleted_by_someone_else_makes_the_folders_read_again(repo):
+    packer = gitpack.PackCommitter(repo, repo / ".git" / "objects", dict(os.environ), 60, b"c <c@c>")
+    tip = git(repo, "rev-parse", "HEAD")
+    made, _, _ = gitpack.work(packer, tip, [([("d/a.png", b"a", None), ("d/b.png", b"b", None)], "ours")])
+    git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    # Someone else's commit deletes d/a.png (through an index of its own).
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "theirs-index"), "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def plumb(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    plumb("read-tree", made[-1])
+    plumb("update-index", "--force-remove", "d/a.png")
+    tip = plumb("commit-tree", plumb("write-tree"), "-p", made[-1], "-m", "theirs: a deleted")
+    git(repo, "update-ref", "refs/heads/main", tip, made[-1])
+    made, _, _ = gitpack.work(packer, tip, [([("d/c.png", b"c", None)], "ours again")])
+    packer.close()
+    git(repo, "update-ref", "refs/heads/main", made[-1], tip)
+    assert git(repo, "ls-tree", "-r", "--name-only", "HEAD").split() == ["d/b.png", "d/c.png"]
+    assert git(repo, "fsck", "--full", "--strict", "--no-dangling") == ""
