@@ -638,13 +638,7 @@ class PackCommitter:
             # tree's. Dropped with it, or it would grow by a big folder every call while counting
             # them live (nothing would rewrite it).
             self.forget()
-            if tip is None:
-                self._top = Folder()
-            else:
-                commit = self._reader.read(tip, "commit")
-                if not commit.startswith(b"tree "):
-                    raise PackError(f"commit {tip} has no tree")
-                self._top = self._load(bytes.fromhex(commit[5:45].decode()))
+            self._top = Folder() if tip is None else self._load(self._tree_of(tip))
             self.tip = tip
         return self._top
 
@@ -663,15 +657,19 @@ class PackCommitter:
         changes: list[Blob] = []
         for k in range(0, len(fields) - 1, 2):
             meta, path = fields[k].split(), fields[k + 1]
-            if len(meta) != 5 or meta[4] not in (b"A", b"M") or meta[1].lstrip(b":") not in BLOB_MODES:
+            if len(meta) != 5 or meta[4] not in (b"A", b"M") or meta[1] not in BLOB_MODES:
                 return False
             changes.append(Blob(path.decode("utf-8", "surrogateescape"), meta[1], bytes.fromhex(meta[3].decode()), 0, None))
+        tree = self._tree_of(tip)
+        for blob in changes:
+            self._place(self._top, blob)
+        return self._store(self._top, [], set()) == tree
+
+    def _tree_of(self, tip: str) -> bytes:
         commit = self._reader.read(tip, "commit")
         if not commit.startswith(b"tree "):
             raise PackError(f"commit {tip} has no tree")
-        for blob in changes:
-            self._place(self._top, blob)
-        return self._store(self._top, [], set()) == bytes.fromhex(commit[5:45].decode())
+        return bytes.fromhex(commit[5:45].decode())
 
     def _place(self, top: Folder, blob: Blob) -> bool:
         """Put `blob` into the tree; False if that path already holds exactly it."""

@@ -120,6 +120,10 @@ class Leases:
         between (a unit ending), it must not sleep past this."""
         return max(0.0, self.tick_began + self.tick_s - self.clock())
 
+    async def wake(self) -> tuple[list[str], list[str]]:
+        """Whatever woke the caller: a tick when one is due, else a look. (units gained, units lost)"""
+        return await self.tick() if self.tick_due() else (await self.look(), [])
+
     async def tick(self) -> tuple[list[str], list[str]]:
         """Renew, say we are alive, take our share: (units gained, units lost)."""
         lost = self.expired()

@@ -163,18 +163,15 @@ def configure(run_id: str | None, log_file: Path | None, console: bool, verbose:
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         _open_file = open(log_file, "a", buffering=1 << 16)
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    processors: list[Any] = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, stamp]
     structlog.contextvars.clear_contextvars()
     if run_id:
         structlog.contextvars.bind_contextvars(run_id=run_id)
     fanout = _Fanout(_open_file, sys.stderr if console else None, verbose, secrets)
     processors.append(fanout)
     structlog.configure(processors=processors, cache_logger_on_first_use=False)
-    _row_sink = (fanout, processors[2], run_id or None)
+    _row_sink = (fanout, stamp, run_id or None)
 
 
 def close() -> None:

@@ -211,10 +211,7 @@ class FigureJob:
             try:
                 # Renewals every tick_s; a wake-up in between (a unit ended, or waiting on the
                 # others') only looks: what was swept, what is free.
-                if self.leases.tick_due():
-                    gained, lost = await asyncio.wait_for(self.leases.tick(), self._db_wait_s)
-                else:
-                    gained, lost = await asyncio.wait_for(self.leases.look(), self._db_wait_s), []
+                gained, lost = await asyncio.wait_for(self.leases.wake(), self._db_wait_s)
                 said_away = False
             except Exception as exc:
                 if not (is_connection_error(exc) or isinstance(exc, TimeoutError)):
